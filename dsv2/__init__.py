@@ -1,0 +1,1 @@
+"""dsv2: DeepSeek-V2 in Python."""

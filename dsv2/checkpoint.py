@@ -1,0 +1,286 @@
+"""HF-format checkpoints: config.json + safetensors shards (+ index), released tensor names.
+
+Loading builds the model on the meta device, checks every shard's header against the tensors the
+config implies (missing, unexpected, misshapen, files the index names but that are absent), and
+only then copies tensors in one at a time, so a checkpoint loads in about its own size and a bad
+one fails before any work with an error that names the tensor or file. Routed experts are stored
+per expert on disk (`mlp.experts.E.gate_proj.weight`) and stacked in memory; the packed
+`mlp.experts.gate_up_proj` / `down_proj` form some transformers versions write reads too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import Transformer
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+_PACKED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not match its config or is damaged; the message names what."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one on-disk tensor goes: a parameter, one expert of a stacked one, or (for a packed
+    tensor) the rows of it that belong to that parameter."""
+
+    param: str
+    shape: tuple[int, ...]
+    expert: int | None = None
+    rows: slice | None = None
+
+
+def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """(released name, tensor) for every tensor a checkpoint of `model` holds, experts unstacked."""
+    tied = model.config.tie_word_embeddings
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if tied and name == "lm_head.weight":
+            continue
+        m = _EXPERTS.match(name)
+        if m:
+            layer, proj = m.groups()
+            for e in range(p.shape[0]):
+                yield f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight", p[e]
+        else:
+            yield _hf_name(name), p
+
+
+def _targets(model: Transformer) -> dict[str, _Target]:
+    out = {}
+    for hf, t in checkpoint_tensors(model):
+        m = re.match(r"^model\.(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$", hf)
+        if m:
+            out[hf] = _Target(f"{m[1]}.{m[3]}", tuple(t.shape), expert=int(m[2]))
+        else:
+            out[hf] = _Target(hf.removeprefix("model."), tuple(t.shape))
+    return out
+
+
+def _files(path: Path) -> dict[str, list[str] | None]:
+    """file name -> tensor names the index assigns to it (None: read them from the file)."""
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files: dict[str, list[str]] = {}
+        for tensor, fname in weight_map.items():
+            files.setdefault(fname, []).append(tensor)
+        absent = sorted(f for f in files if not (path / f).is_file())
+        if absent:
+            raise CheckpointError(f"{index} names shard file(s) that do not exist: {', '.join(absent)}")
+        return files
+    if (path / SINGLE).is_file():
+        return {SINGLE: None}
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    if found:
+        raise CheckpointError(f"{path}: {len(found)} safetensors files but no {INDEX} to say what they hold")
+    raise CheckpointError(f"{path}: no {SINGLE} and no {INDEX}")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _headers(path: Path, files: dict[str, list[str] | None]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """tensor name -> (file, shape), from the shard headers alone."""
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for fname, assigned in files.items():
+        with _open(path / fname) as f:
+            keys = set(f.keys())
+            for key in keys:
+                if key in found:
+                    raise CheckpointError(f"tensor {key!r} appears in both {found[key][0]} and {fname}")
+                found[key] = (fname, tuple(f.get_slice(key).get_shape()))
+        if assigned is not None:
+            gone = sorted(set(assigned) - keys)
+            if gone:
+                raise CheckpointError(f"{INDEX} places {_few(gone)} in {fname}, which does not hold it")
+    return found
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _plan(targets: dict[str, _Target], found: dict[str, tuple[str, tuple[int, ...]]],
+          config: ModelConfig) -> list[tuple[str, str, _Target]]:
+    """Match the files against the model: (file, tensor, target) for each copy to make; raises on
+    anything missing, extra or misshapen."""
+    plan: list[tuple[str, str, _Target]] = []
+    covered: set[str] = set()
+    unexpected, misshapen = [], []
+    for key, (fname, shape) in sorted(found.items()):
+        m = _PACKED.match(key)
+        if key in targets:
+            t = targets[key]
+            if shape != t.shape:
+                misshapen.append(f"{key}: file has {list(shape)}, config implies {list(t.shape)}")
+            plan.append((fname, key, t))
+            covered.add(key)
+        elif m and config.is_moe_layer(int(m[1])):  # transformers' in-memory packing
+            layer, kind = m.groups()
+            projs = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+            per = targets[f"model.layers.{layer}.mlp.experts.0.{projs[0]}.weight"].shape
+            want = (config.n_routed_experts, per[0] * len(projs), per[1])
+            if shape != want:
+                misshapen.append(f"{key}: file has {list(shape)}, config implies {list(want)}")
+                continue
+            for i, p in enumerate(projs):
+                rows = slice(i * per[0], (i + 1) * per[0])
+                plan.append((fname, key, _Target(f"layers.{layer}.mlp.experts.{p}", want, rows=rows)))
+                covered.update(f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"
+                               for e in range(config.n_routed_experts))
+        else:
+            unexpected.append(key)
+    missing = sorted(set(targets) - covered)
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {_few(unexpected)}")
+    if misshapen:
+        problems.append(f"misshapen {len(misshapen)} tensor(s): {'; '.join(misshapen[:5])}")
+    if problems:
+        raise CheckpointError("checkpoint does not match its config.json: " + " | ".join(problems))
+    return plan
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> Transformer:
+    """Load an HF-format DeepSeek-V2 directory; dtype defaults to the checkpoint's torch_dtype."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    config = ModelConfig.from_hf(path)
+    dtype = _dtype(dtype) or _dtype(config.torch_dtype) or torch.float32
+    files = _files(path)
+    found = _headers(path, files)
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    plan = _plan(_targets(model), found, config)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.reset_parameters()
+    params = dict(model.named_parameters())
+    by_file: dict[str, list[tuple[str, _Target]]] = {}
+    for fname, key, t in plan:
+        by_file.setdefault(fname, []).append((key, t))
+    with torch.no_grad():
+        for fname in sorted(by_file):
+            with _open(path / fname) as f:
+                for key, t in by_file[fname]:
+                    try:
+                        tensor = f.get_tensor(key)
+                    except (SafetensorError, OSError) as e:
+                        raise CheckpointError(f"{path / fname}: cannot read tensor {key!r}: {e}") from None
+                    dst = params[t.param]
+                    if t.expert is not None:
+                        dst = dst[t.expert]
+                    dst.copy_(tensor if t.rows is None else tensor[:, t.rows])
+                    del tensor
+    return model.eval()
+
+
+def _shard_bytes(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a size like '5GB', '500MiB'")
+    unit = (m[2] or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m[1]) * mult)
+
+
+def save_model(
+    model: Transformer,
+    path: str | Path,
+    max_shard_size: int | str = "5GB",
+    dtype: str | torch.dtype | None = None,
+) -> None:
+    """Write config.json, generation_config.json and safetensors shards (+ index when sharded).
+
+    Every file is written under a temporary name and renamed into place, the index last, so a
+    crash never leaves an index that points at a half-written shard.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = _dtype(dtype)
+    limit = _shard_bytes(max_shard_size)
+    tensors = list(checkpoint_tensors(model))
+    out_dtype = dtype or tensors[0][1].dtype
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in tensors:
+        nbytes = t.numel() * out_dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += nbytes
+    n = len(shards)
+    names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        # clone: expert slices share storage, which safetensors refuses to write
+        data = {k: t.detach().to("cpu", out_dtype).clone().contiguous() for k, t in shard}
+        _atomic(path / fname, lambda tmp: save_file(data, str(tmp), metadata={"format": "pt"}))
+        weight_map.update({k: fname for k in data})
+        del data
+    config = model.config.replace(torch_dtype=str(out_dtype).removeprefix("torch."))
+    _atomic(path / "config.json", lambda tmp: config.save(tmp))
+    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    _atomic(path / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(gen, indent=2) + "\n"))
+    if n > 1:
+        total = sum(t.numel() * out_dtype.itemsize for _, t in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        _atomic(path / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
+    elif (path / INDEX).exists():
+        (path / INDEX).unlink()  # a stale index from an earlier sharded save would shadow the new file
+
+
+def _atomic(dest: Path, write) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,343 @@
+"""ModelConfig: the released DeepSeek-V2 config.json as one dataclass.
+
+Field names are the checkpoint's, so a config.json reads in and writes out unchanged. RoPE settings
+come in two spellings: the released `rope_theta` + `rope_scaling: {type: yarn, ...}` and the
+`rope_parameters: {rope_type, rope_theta, ...}` that transformers 5.x writes; both read into
+`rope_theta` + `RopeScaling`, and `to_hf` writes the released spelling, which both readers accept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that is malformed or inconsistent; the message names the field."""
+
+
+TOPK_METHODS = ("greedy", "group_limited_greedy")
+ROPE_TYPES = ("yarn",)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN settings of the released models (applied to the decoupled rope dims only)."""
+
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.707
+    mscale_all_dim: float = 0.707
+    type: str = "yarn"
+
+
+# Fields every DeepSeek-V2 config must state: there is no sensible default for a model's shape.
+REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    num_key_value_heads: int | None = None
+    q_lora_rank: int | None = None
+    # DeepSeekMoE; n_routed_experts None makes every FFN dense
+    moe_intermediate_size: int = 1408
+    n_shared_experts: int | None = None
+    n_routed_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    topk_method: str = "greedy"
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = False
+    scoring_func: str = "softmax"
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    ep_size: int = 1
+    # the rest of the block
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.006
+    bos_token_id: int | None = 100000
+    eos_token_id: int | None = 100001
+    pad_token_id: int | None = None
+    torch_dtype: str = "bfloat16"
+    use_cache: bool = True
+    pretraining_tp: int = 1
+    # keys of a config.json this class does not model (auto_map, quantization_config, ...):
+    # carried so that to_hf(from_hf(d)) keeps them
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = _read_rope_scaling(self.rope_scaling)
+        self.validate()
+
+    # --- derived sizes -------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d_h + d_h^R), times mscale^2 under YaRN (the released models' attention scale)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.mscale_all_dim:
+            m = yarn_mscale(rs.factor, rs.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (
+            self.n_routed_experts is not None
+            and layer >= self.first_k_dense_replace
+            and layer % self.moe_layer_freq == 0
+        )
+
+    # --- validation ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(cond: bool, name: str, why: str) -> None:
+            if not cond:
+                raise ConfigError(f"config field {name!r} = {getattr(self, name, None)!r}: {why}")
+
+        for name in REQUIRED + ("num_key_value_heads", "moe_intermediate_size", "max_position_embeddings"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
+        need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+             f"must divide hidden_size ({self.hidden_size})")
+        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+             f"must divide num_attention_heads ({self.num_attention_heads})")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rope rotates pairs)")
+        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+             "q_lora_rank", "must be null or a positive integer")
+        need(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU experts) is supported")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
+        need(self.rope_theta > 0, "rope_theta", "must be positive")
+        need(isinstance(self.first_k_dense_replace, int) and self.first_k_dense_replace >= 0,
+             "first_k_dense_replace", "must be a non-negative integer")
+        need(isinstance(self.moe_layer_freq, int) and self.moe_layer_freq >= 1, "moe_layer_freq",
+             "must be a positive integer")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            if rs.type not in ROPE_TYPES:
+                raise ConfigError(f"config field 'rope_scaling.type' = {rs.type!r}: expected one of {ROPE_TYPES}")
+            if not rs.factor >= 1.0:
+                raise ConfigError(f"config field 'rope_scaling.factor' = {rs.factor!r}: must be >= 1")
+        if self.n_routed_experts is None:
+            return
+        need(isinstance(self.n_routed_experts, int) and self.n_routed_experts > 0, "n_routed_experts",
+             "must be null (dense model) or a positive integer")
+        need(isinstance(self.num_experts_per_tok, int) and 0 < self.num_experts_per_tok <= self.n_routed_experts,
+             "num_experts_per_tok", f"must be in 1..n_routed_experts ({self.n_routed_experts})")
+        need(self.n_shared_experts is None or (isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0),
+             "n_shared_experts", "must be null or a non-negative integer")
+        need(self.topk_method in TOPK_METHODS, "topk_method", f"expected one of {TOPK_METHODS}")
+        need(self.scoring_func == "softmax", "scoring_func", "only 'softmax' gating is supported (DeepSeek-V2)")
+        need(self.routed_scaling_factor > 0, "routed_scaling_factor", "must be positive")
+        if self.topk_method == "group_limited_greedy":
+            need(isinstance(self.n_group, int) and self.n_group > 0 and self.n_routed_experts % self.n_group == 0,
+                 "n_group", f"must be a positive divisor of n_routed_experts ({self.n_routed_experts})")
+            need(isinstance(self.topk_group, int) and 0 < self.topk_group <= self.n_group, "topk_group",
+                 f"must be in 1..n_group ({self.n_group})")
+            per_group = self.n_routed_experts // self.n_group
+            need(self.num_experts_per_tok <= self.topk_group * per_group, "num_experts_per_tok",
+                 f"must be <= topk_group x experts per group ({self.topk_group * per_group})")
+        if self.n_group is not None:
+            need(isinstance(self.n_group, int) and self.n_group > 0 and self.n_routed_experts % self.n_group == 0,
+                 "n_group", f"must divide n_routed_experts ({self.n_routed_experts})")
+
+    # --- HF json --------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, source: str | Path | dict) -> "ModelConfig":
+        """Read a config.json (a directory holding one, the file, or its parsed dict)."""
+        if isinstance(source, dict):
+            d = dict(source)
+        else:
+            path = Path(source)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"no config.json at {path}")
+            try:
+                d = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(d, dict):
+                raise ConfigError(f"{path} must hold a JSON object")
+        return cls._from_dict(d)
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d.pop("model_type", None)
+        d.pop("architectures", None)
+        d.pop("transformers_version", None)
+        if "dtype" in d and "torch_dtype" not in d:  # transformers 5 renamed it
+            d["torch_dtype"] = d.pop("dtype")
+        d.pop("dtype", None)
+        # transformers 5 writes these as derived values; they are properties here
+        for derived in ("qk_head_dim", "head_dim", "num_experts"):
+            d.pop(derived, None)
+        params = d.pop("rope_parameters", None)
+        if params is not None:
+            if not isinstance(params, dict):
+                raise ConfigError("config field 'rope_parameters' must be an object")
+            params = dict(params)
+            if "rope_theta" in params:
+                d.setdefault("rope_theta", params.pop("rope_theta"))
+            kind = params.get("rope_type", params.get("type", "default"))
+            if kind != "default" and d.get("rope_scaling") is None:
+                d["rope_scaling"] = params
+        rs = d.get("rope_scaling")
+        if rs is not None and not isinstance(rs, (dict, RopeScaling)):
+            raise ConfigError("config field 'rope_scaling' must be an object or null")
+        if isinstance(rs, dict):
+            d["rope_scaling"] = _read_rope_scaling(rs)
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [k for k in REQUIRED if d.get(k) is None]
+        if missing:
+            raise ConfigError(f"config is missing required field(s): {', '.join(missing)}")
+        extra = dict(d.pop("extra", {}) or {})
+        extra.update({k: d.pop(k) for k in list(d) if k not in names})
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if isinstance(d.get(key), list):  # transformers allows lists; keep the first, carry all
+                extra[f"{key}_list"] = d[key]
+                d[key] = d[key][0]
+        return cls(**d, extra=extra)
+
+    def to_hf(self) -> dict:
+        d: dict[str, Any] = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2"}
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "rope_scaling"):
+                continue
+            d[f.name] = getattr(self, f.name)
+        d["rope_scaling"] = None if self.rope_scaling is None else dataclasses.asdict(self.rope_scaling)
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if f"{key}_list" in self.extra:
+                d[key] = self.extra[f"{key}_list"]
+        d.update({k: v for k, v in self.extra.items() if not k.endswith("_id_list")})
+        return dict(sorted(d.items()))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        path.write_text(json.dumps(self.to_hf(), indent=2) + "\n")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _read_rope_scaling(d: dict) -> RopeScaling:
+    d = dict(d)
+    kind = d.pop("type", None) or d.pop("rope_type", None)
+    d.pop("rope_type", None)
+    d.pop("rope_theta", None)
+    if kind is None:
+        raise ConfigError("config field 'rope_scaling' has no 'type'")
+    if kind not in ROPE_TYPES:
+        raise ConfigError(f"config field 'rope_scaling.type' = {kind!r}: expected one of {ROPE_TYPES}")
+    known = {f.name for f in dataclasses.fields(RopeScaling)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"config field 'rope_scaling' has unknown key(s): {', '.join(unknown)}")
+    if d.get("factor") is None:
+        raise ConfigError("config field 'rope_scaling.factor' is required for yarn")
+    # transformers 5 fills unset beta/mscale keys with null; null means the YaRN default
+    d = {k: v for k, v in d.items() if v is not None}
+    return RopeScaling(type=kind, **d)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 * mscale * ln(s) + 1 (1 for s <= 1)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+_LITE = dict(
+    vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+    n_routed_experts=64, num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1,
+    kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False,
+    scoring_func="softmax", aux_loss_alpha=0.001, seq_aux=True, hidden_act="silu", rms_norm_eps=1e-6,
+    rope_theta=10000.0, max_position_embeddings=163840,
+    rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                      beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
+    tie_word_embeddings=False, bos_token_id=100000, eos_token_id=100001, attention_bias=False,
+    torch_dtype="bfloat16", initializer_range=0.02,
+)
+_V2 = dict(
+    _LITE, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=60,
+    num_attention_heads=128, num_key_value_heads=128, n_routed_experts=160, q_lora_rank=1536,
+    topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0,
+    aux_loss_alpha=0.003,
+)
+# Small research sizes with the full architecture (q compression, shared + routed experts,
+# group-limited routing, YaRN), for tests, the bundled model and training benchmarks.
+_TINY = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=160, moe_intermediate_size=32,
+    num_hidden_layers=3, num_attention_heads=4, n_shared_experts=1, n_routed_experts=8,
+    num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48,
+    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, topk_method="group_limited_greedy",
+    n_group=4, topk_group=2, routed_scaling_factor=2.0, max_position_embeddings=1024,
+    rope_scaling=dict(type="yarn", factor=4, original_max_position_embeddings=256, beta_fast=32,
+                      beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
+    bos_token_id=0, eos_token_id=1, initializer_range=0.006, torch_dtype="float32",
+)
+_SMALL = dict(  # ~ the size of the bundled model: tens of millions of parameters
+    _TINY, vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+    num_hidden_layers=6, num_attention_heads=8, n_shared_experts=1, n_routed_experts=16,
+    num_experts_per_tok=4, kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32, qk_rope_head_dim=16,
+    v_head_dim=32, n_group=4, topk_group=2, routed_scaling_factor=1.0, max_position_embeddings=4096,
+    rope_scaling=None, torch_dtype="bfloat16",
+)
+_MOE_1B = dict(  # ~1B total parameters: the training benchmark's size
+    _LITE, vocab_size=32768, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512,
+    num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+    n_routed_experts=64, num_experts_per_tok=6, kv_lora_rank=256, q_lora_rank=None,
+    qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, max_position_embeddings=4096,
+    rope_scaling=None, bos_token_id=0, eos_token_id=1,
+)
+PRESETS: dict[str, dict] = {
+    "deepseek-v2": _V2,
+    "deepseek-v2-lite": _LITE,
+    "dsv2-tiny": _TINY,
+    "dsv2-small": _SMALL,
+    "dsv2-1b-moe": _MOE_1B,
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return ModelConfig._from_dict({**PRESETS[name], **overrides})

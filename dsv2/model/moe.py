@@ -1,0 +1,143 @@
+"""DeepSeekMoE: always-on shared experts plus fine-grained routed experts chosen by a softmax gate.
+
+Routed experts are stored stacked ([E, out, in], the per-expert checkpoint tensors stacked) and run
+as one grouped matmul over the tokens sorted by expert, so each expert touches only its own tokens.
+`Experts.reference` is the per-token, per-expert twin that tests hold the fast path to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU FFN: the dense layers and the shared experts (N_s experts as one MLP of width N_s x I)."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class RouterOutput:
+    """What the auxiliary balance losses need from one MoE layer, for N = B x S tokens."""
+
+    scores: torch.Tensor  # [N, E] fp32 softmax affinities s_{i,t} over all routed experts
+    topk_idx: torch.Tensor  # [N, K] selected experts
+    topk_weight: torch.Tensor  # [N, K] fp32 gate values g applied to the expert outputs
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.topk_method = config.topk_method
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x [N, d] -> scores, selection and weights, all routing math in fp32."""
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        choice = scores
+        if self.topk_method == "group_limited_greedy":
+            # device-limited routing: a group's score is its best expert; keep the topk_group best
+            groups = scores.unflatten(-1, (self.n_group, -1))
+            best_groups = groups.amax(dim=-1).topk(self.topk_group, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best_groups, True)
+            choice = groups.masked_fill(~keep[..., None], 0.0).flatten(1)
+        topk_weight, topk_idx = choice.topk(self.top_k, dim=-1, sorted=False)
+        # the released code renormalizes only when asked and then skips the scaling factor
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            topk_weight = topk_weight * self.routed_scaling_factor
+        return RouterOutput(scores=scores, topk_idx=topk_idx, topk_weight=topk_weight)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """x [M, in] sorted by expert, counts [E] rows per expert, w [E, out, in] -> [M, out]."""
+    if _has_grouped_mm(x, w):
+        offs = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            out[start:start + n] = x[start:start + n] @ w[e].t()
+            start += n
+    return out
+
+
+def _has_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    # Hopper's grouped GEMM needs bf16 and 16-byte aligned rows; elsewhere the segment loop runs
+    return (
+        x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+        and x.shape[1] % 8 == 0 and w.shape[1] % 8 == 0
+    )
+
+
+class Experts(nn.Module):
+    """N_r routed SwiGLU experts stored stacked."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """x [N, d], topk_idx/topk_weight [N, K] -> sum_k g_k FFN_{idx_k}(x) [N, d]."""
+        k = topk_idx.shape[1]
+        flat = topk_idx.flatten()
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        xs = x[token]
+        h = F.silu(grouped_mm(xs, self.gate_proj, counts)) * grouped_mm(xs, self.up_proj, counts)
+        y = grouped_mm(h, self.down_proj, counts)
+        y = (y.float() * topk_weight.flatten()[order, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def reference(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+        """Obviously right and slow: every (token, chosen expert) pair on its own."""
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for e, g in zip(topk_idx[t].tolist(), topk_weight[t].tolist()):
+                h = F.silu(x[t] @ self.gate_proj[e].t()) * (x[t] @ self.up_proj[e].t())
+                out[t] += g * (h @ self.down_proj[e].t())
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        n_shared = config.n_shared_experts or 0
+        self.shared_experts = MLP(config.hidden_size, n_shared * config.moe_intermediate_size) if n_shared else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        route = self.gate(flat)
+        y = self.experts(flat, route.topk_idx, route.topk_weight).view(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y, route
