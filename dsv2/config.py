@@ -173,6 +173,9 @@ class ModelConfig:
         if self.n_group is not None:
             need(isinstance(self.n_group, int) and self.n_group > 0 and self.n_routed_experts % self.n_group == 0,
                  "n_group", f"must divide n_routed_experts ({self.n_routed_experts})")
+            if self.topk_group is not None:
+                need(isinstance(self.topk_group, int) and 0 < self.topk_group <= self.n_group, "topk_group",
+                     f"must be in 1..n_group ({self.n_group})")
 
     # --- HF json --------------------------------------------------------------------------------
     @classmethod

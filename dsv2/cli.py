@@ -1,0 +1,145 @@
+"""The `dsv2` command: info, generate, chat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import PRESETS, ConfigError, ModelConfig, preset
+
+
+def _info(args) -> int:
+    from .info import model_info
+
+    config = preset(args.preset) if args.preset else ModelConfig.from_hf(args.model)
+    print(json.dumps(model_info(config), indent=2))
+    return 0
+
+
+def _load(args):
+    import torch
+
+    from .checkpoint import load_model
+    from .tokenizer import Tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = None if args.dtype == "auto" else args.dtype
+    model = load_model(args.model, device=device, dtype=dtype)
+    return model, Tokenizer.from_dir(args.model)
+
+
+def _sampling(args, tokenizer) -> dict:
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                stop_token_ids=[tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
+
+
+def _print_stream(model, tokenizer, ids: list[int], args) -> str:
+    """Stream the completion of `ids` to stdout; return its text."""
+    from .generate import stream
+    from .tokenizer import StreamDecoder
+
+    decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
+    budget = min(args.max_new_tokens, model.config.max_position_embeddings - len(ids))
+    if budget <= 0:
+        raise ValueError(f"the prompt ({len(ids)} tokens) fills the model's context "
+                         f"({model.config.max_position_embeddings})")
+    pieces = []
+    for token in stream(model, ids, budget, **_sampling(args, tokenizer)):
+        piece = decoder.push(token)
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    tail = decoder.flush()
+    print(tail, flush=True)
+    return "".join(pieces) + tail
+
+
+def _generate(args) -> int:
+    model, tokenizer = _load(args)
+    if args.chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = tokenizer.encode(args.prompt, add_bos=tokenizer.bos_token_id is not None)
+    if not args.chat:
+        print(args.prompt, end="", flush=True)
+    _print_stream(model, tokenizer, ids, args)
+    return 0
+
+
+def _chat(args) -> int:
+    model, tokenizer = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("dsv2 chat: /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        print("assistant> " if interactive else "", end="", flush=True)
+        reply = _print_stream(model, tokenizer, ids, args)
+        messages.append({"role": "assistant", "content": reply.strip()})
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF-format model directory")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsv2", description="DeepSeek-V2: model, training, inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameters and KV-cache cost of a model or preset, as JSON")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF-format model directory (or its config.json)")
+    src.add_argument("--preset", choices=sorted(PRESETS))
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming the tokens")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    _add_sampling(p)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("chat", help="interactive chat (chat template, streamed answers)")
+    p.add_argument("--system", default=None, help="system message")
+    _add_sampling(p)
+    p.set_defaults(func=_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "model", None) and not Path(args.model).exists():
+        print(f"dsv2: error: {args.model} does not exist", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+        print(f"dsv2: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from dsv2.checkpoint import save_model
+from dsv2.config import preset
+from dsv2.model import Transformer
+
+# Tiny configs covering the released architecture's switches. Positions past YaRN's
+# original window are reached with a 32-token original window and 64-token inputs.
+_YARN = dict(type="yarn", factor=4, original_max_position_embeddings=32, beta_fast=32, beta_slow=1,
+             mscale=0.707, mscale_all_dim=0.707)
+PARITY_CONFIGS = {
+    "qlora-grouplimited-scaled-1dense-yarn": dict(rope_scaling=_YARN),
+    "noqlora-greedy-0dense": dict(q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1,
+                                  first_k_dense_replace=0, routed_scaling_factor=1.0, rope_scaling=None),
+    "normtopk-2dense-yarn-mscale": dict(norm_topk_prob=True, first_k_dense_replace=2, num_hidden_layers=4,
+                                        rope_scaling=dict(_YARN, mscale=1.0, mscale_all_dim=0.8)),
+    "greedy-scaled-qlora-noyarn": dict(topk_method="greedy", n_group=None, topk_group=None,
+                                       routed_scaling_factor=16.0, rope_scaling=None, n_shared_experts=2),
+}
+
+
+def tiny_config(**overrides):
+    return preset("dsv2-tiny", **overrides)
+
+
+def random_model(config, seed=0, std=0.15):
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    model.init_weights(std)
+    # norms away from 1 so a swapped or skipped norm shows
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def hf_model(model, directory):
+    """The same weights in transformers' DeepseekV2ForCausalLM, through the files save_model writes."""
+    transformers = pytest.importorskip("transformers")
+    save_model(model, directory)
+    hf = transformers.DeepseekV2ForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    if model.config.norm_topk_prob:
+        _renormalize_router(hf, model.config)
+    return hf
+
+
+def _renormalize_router(hf, config):
+    """transformers 5.x drops norm_topk_prob (its config deletes the field); the released
+    DeepSeek-V2 code renormalizes the top-k weights and then skips routed_scaling_factor.
+    Apply exactly that rule to transformers' router output so the rest can be compared."""
+    def hook(module, args, output):
+        logits, weights, idx = output
+        w = weights / config.routed_scaling_factor
+        return logits, w / (w.sum(dim=-1, keepdim=True) + 1e-20), idx
+
+    for layer in hf.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "top_k"):
+            gate.register_forward_hook(hook)

@@ -1,0 +1,81 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dsv2.checkpoint import save_model
+from dsv2.generate import generate
+from dsv2.tokenizer import train_bpe
+
+from .conftest import random_model, tiny_config
+
+TEXT = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b):\n    return a + b\n" * 3,
+        "To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer. " * 2]
+
+
+def dsv2(*args, stdin=None):
+    proc = subprocess.run([sys.executable, "-m", "dsv2.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    tok = train_bpe(TEXT * 20, vocab_size=300)
+    model = random_model(tiny_config(vocab_size=tok.vocab_size), seed=21, std=0.2)
+    save_model(model, path)
+    tok.save(path)
+    return path, model, tok
+
+
+@pytest.mark.parametrize("name, total, active", [("deepseek-v2", 236, 21), ("deepseek-v2-lite", 15.7, 2.4)])
+def test_info_preset_reports_paper_sizes(name, total, active):
+    proc = dsv2("info", "--preset", name)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["parameters"]["total_billions"] == pytest.approx(total, rel=0.01)
+    assert info["parameters"]["activated_billions"] == pytest.approx(active, rel=0.03)
+    kv = info["kv_cache_per_token"]
+    layers = 60 if name == "deepseek-v2" else 27
+    assert kv["mla"]["elements"] == 576 * layers and kv["mla"]["bytes_bf16"] == 2 * 576 * layers
+
+
+def test_info_model_dir(model_dir):
+    path, model, _ = model_dir
+    info = json.loads(dsv2("info", "--model", str(path)).stdout)
+    assert info["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_generate_streams_the_reference_tokens(model_dir):
+    path, model, tok = model_dir
+    proc = dsv2("generate", "--model", str(path), "To be, or", "--max-new-tokens", "12", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    ids = tok.encode("To be, or", add_bos=True)
+    new = generate(model, [ids], 12, stop_token_ids=[tok.eos_token_id])[0]
+    assert proc.stdout == "To be, or" + tok.decode(new, skip_special_tokens=True) + "\n"
+
+
+def test_chat_keeps_the_conversation(model_dir):
+    path, model, tok = model_dir
+    proc = dsv2("chat", "--model", str(path), "--max-new-tokens", "6", "--device", "cpu",
+                stdin="hello there\nand the fox?\n")
+    assert proc.returncode == 0, proc.stderr
+    messages, expected = [], ""
+    for turn in ("hello there", "and the fox?"):
+        messages.append({"role": "user", "content": turn})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        reply = tok.decode(generate(model, [ids], 6, stop_token_ids=[tok.eos_token_id])[0],
+                           skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": reply.strip()})
+        expected += reply + "\n"
+    assert proc.stdout == expected
+
+
+def test_cli_errors_are_clear(tmp_path):
+    proc = dsv2("generate", "--model", str(tmp_path / "nope"), "hi")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    (tmp_path / "config.json").write_text("{}")
+    proc = dsv2("info", "--model", str(tmp_path))
+    assert proc.returncode == 1 and "missing required field" in proc.stderr

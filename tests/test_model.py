@@ -1,0 +1,158 @@
+"""Logits against transformers' DeepseekV2 on the same random weights (fp32, CPU), and the fast
+paths against their obviously-right twins."""
+
+import pytest
+import torch
+
+from dsv2.model import Experts, Gate, Transformer
+from dsv2.model.moe import grouped_mm
+
+from .conftest import PARITY_CONFIGS, hf_model, random_model, tiny_config
+
+
+@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+def test_logits_match_transformers(name, tmp_path):
+    config = tiny_config(**PARITY_CONFIGS[name])
+    model = random_model(config, seed=1)
+    hf = hf_model(model, tmp_path)
+    tokens = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert ours.abs().max() > 1  # not a degenerate model
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_padded_batch_matches_transformers(tmp_path):
+    config = tiny_config(**PARITY_CONFIGS["qlora-grouplimited-scaled-1dense-yarn"])
+    model = random_model(config, seed=3)
+    hf = hf_model(model, tmp_path)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(2, config.vocab_size, (3, 48), generator=g)
+    mask = torch.ones(3, 48, dtype=torch.long)
+    mask[0, :20] = 0  # left padding
+    mask[1, 40:] = 0  # right padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(tokens, attention_mask=mask)
+        theirs = hf(tokens, attention_mask=mask, position_ids=positions).logits
+        alone = model(tokens[0:1, 20:])
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max() < 1e-4
+    assert (ours[0, 20:] - alone[0]).abs().max() < 1e-4  # padding changes nothing for real tokens
+    assert torch.isfinite(ours).all()
+
+
+@pytest.mark.parametrize("name", ["qlora-grouplimited-scaled-1dense-yarn", "noqlora-greedy-0dense"])
+def test_absorbed_attention_equals_expanded(name):
+    model = random_model(tiny_config(**PARITY_CONFIGS[name]), seed=5)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert (model(tokens, absorb=True) - model(tokens)).abs().max() < 1e-4
+
+
+def test_grouped_experts_equal_per_expert_reference():
+    torch.manual_seed(0)
+    experts = Experts(8, 16, 12)
+    for p in experts.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(37, 16)
+    idx = torch.stack([torch.randperm(8)[:3] for _ in range(37)])
+    idx[:10] = torch.tensor([5, 1, 2])  # an uneven load; expert 7 may go unused
+    w = torch.rand(37, 3)
+    assert (experts(x, idx, w) - experts.reference(x, idx, w)).abs().max() < 1e-5
+
+
+def test_grouped_mm_loop_against_dense():
+    x = torch.randn(11, 8)
+    w = torch.randn(3, 5, 8)
+    counts = torch.tensor([4, 0, 7])
+    want = torch.cat([x[:4] @ w[0].t(), x[4:] @ w[2].t()])
+    assert torch.allclose(grouped_mm(x, w, counts), want, atol=1e-5)
+
+
+def test_group_limited_gate_stays_inside_chosen_groups():
+    config = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    gate = Gate(config)
+    gate.weight.data.normal_(0, 1)
+    x = torch.randn(200, config.hidden_size)
+    out = gate(x)
+    groups = out.scores.view(200, 4, 4).amax(-1).topk(2, dim=-1).indices
+    chosen_groups = out.topk_idx // 4
+    assert all(set(c.tolist()) <= set(g.tolist()) for c, g in zip(chosen_groups, groups))
+    picked = out.scores.gather(1, out.topk_idx)
+    assert torch.allclose(out.topk_weight, picked * config.routed_scaling_factor)
+
+
+def test_norm_topk_prob_renormalizes_without_scaling():
+    config = tiny_config(norm_topk_prob=True, routed_scaling_factor=16.0)
+    gate = Gate(config)
+    gate.weight.data.normal_(0, 1)
+    out = gate(torch.randn(50, config.hidden_size))
+    assert torch.allclose(out.topk_weight.sum(-1), torch.ones(50))
+
+
+def test_router_outputs_for_aux_losses():
+    config = tiny_config()
+    model = random_model(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 10))
+    out = model(tokens, return_router=True)
+    n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    assert len(out.router) == n_moe == 2
+    r = out.router[0]
+    assert r.scores.shape == (20, config.n_routed_experts) and r.scores.dtype == torch.float32
+    assert torch.allclose(r.scores.sum(-1), torch.ones(20))
+    assert r.topk_idx.shape == (20, config.num_experts_per_tok)
+    assert torch.equal(out.logits, model(tokens))
+
+
+def test_gradients_reach_every_parameter():
+    config = tiny_config()
+    model = random_model(config).train()
+    tokens = torch.randint(0, config.vocab_size, (4, 32))
+    out = model(tokens, return_router=True)
+    loss = out.logits.logsumexp(-1).mean() + sum(r.scores.pow(2).mean() for r in out.router)
+    loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert unused == []
+
+
+def test_dense_model_without_experts():
+    config = tiny_config(n_routed_experts=None)
+    model = random_model(config)
+    assert not any(layer.is_moe for layer in model.layers)
+    assert model(torch.randint(0, 512, (1, 5))).shape == (1, 5, 512)
+
+
+def test_bf16_forward_close_to_fp32():
+    model = random_model(tiny_config(), std=0.05)
+    tokens = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        ref = model(tokens)
+        low = model.to(torch.bfloat16)(tokens).float()
+    assert ((low - ref).norm() / ref.norm()) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grouped_mm_cuda_bf16_against_loop():
+    torch.manual_seed(0)
+    x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(16, 128, 256, device="cuda", dtype=torch.bfloat16) / 16
+    counts = torch.bincount(torch.randint(0, 16, (1000,), device="cuda"), minlength=16)
+    counts[3] = 0
+    counts[0] += 1000 - counts.sum()
+    got = grouped_mm(x, w, counts)
+    ref = torch.cat([x[a:b].double() @ w[e].double().t() for e, (a, b) in
+                     enumerate(zip([0] + counts.cumsum(0)[:-1].tolist(), counts.cumsum(0).tolist()))])
+    assert ((got.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_model_close_to_cpu_fp32():
+    model = random_model(tiny_config(hidden_size=128, moe_intermediate_size=64), std=0.05)
+    tokens = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        ref = model(tokens)
+        got = model.to("cuda", torch.bfloat16)(tokens.cuda()).float().cpu()
+    assert ((got - ref).norm() / ref.norm()) < 3e-2
