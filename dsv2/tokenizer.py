@@ -88,7 +88,10 @@ class Tokenizer:
             # transformers' default cleanup would rewrite " ." and " 's", breaking decode parity.
             "clean_up_tokenization_spaces": False,
             "model_max_length": self.model_max_length,
-            "tokenizer_class": "LlamaTokenizerFast",
+            # the generic class: it takes tokenizer.json as it is. LlamaTokenizerFast, which the
+            # released files name, makes some transformers 5.x versions rebuild a Llama-style
+            # tokenizer with an extra <unk>.
+            "tokenizer_class": "PreTrainedTokenizerFast",
             "chat_template": self.chat_template,
         }
         with open(path / "tokenizer_config.json", "w", encoding="utf-8") as f:
