@@ -54,12 +54,8 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
-def _hf_name(name: str) -> str:
-    return name if name.startswith("lm_head.") else f"model.{name}"
-
-
-def checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
-    """(released name, tensor) for every tensor a checkpoint of `model` holds, experts unstacked."""
+def _entries(model: Transformer) -> Iterator[tuple[str, _Target, torch.Tensor]]:
+    """(released name, where it lives in the model, tensor) for every tensor of a checkpoint."""
     tied = model.config.tie_word_embeddings
     for name, p in model.named_parameters(remove_duplicate=False):
         if tied and name == "lm_head.weight":
@@ -68,20 +64,21 @@ def checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]
         if m:
             layer, proj = m.groups()
             for e in range(p.shape[0]):
-                yield f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight", p[e]
+                hf = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+                yield hf, _Target(name, tuple(p.shape[1:]), expert=e), p[e]
         else:
-            yield _hf_name(name), p
+            hf = name if name.startswith("lm_head.") else f"model.{name}"
+            yield hf, _Target(name, tuple(p.shape)), p
+
+
+def checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """(released name, tensor) for every tensor a checkpoint of `model` holds, experts unstacked."""
+    for hf, _, t in _entries(model):
+        yield hf, t
 
 
 def _targets(model: Transformer) -> dict[str, _Target]:
-    out = {}
-    for hf, t in checkpoint_tensors(model):
-        m = re.match(r"^model\.(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\.weight$", hf)
-        if m:
-            out[hf] = _Target(f"{m[1]}.{m[3]}", tuple(t.shape), expert=int(m[2]))
-        else:
-            out[hf] = _Target(hf.removeprefix("model."), tuple(t.shape))
-    return out
+    return {hf: target for hf, target, _ in _entries(model)}
 
 
 def _files(path: Path) -> dict[str, list[str] | None]:
@@ -262,7 +259,7 @@ def save_model(
     for fname, shard in zip(names, shards):
         # clone: expert slices share storage, which safetensors refuses to write
         data = {k: t.detach().to("cpu", out_dtype).clone().contiguous() for k, t in shard}
-        _atomic(path / fname, lambda tmp: save_file(data, str(tmp), metadata={"format": "pt"}))
+        _atomic(path / fname, lambda tmp, data=data: save_file(data, str(tmp), metadata={"format": "pt"}))
         weight_map.update({k: fname for k in data})
         del data
     config = model.config.replace(torch_dtype=str(out_dtype).removeprefix("torch."))

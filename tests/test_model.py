@@ -4,7 +4,7 @@ paths against their obviously-right twins."""
 import pytest
 import torch
 
-from dsv2.model import Experts, Gate, Transformer
+from dsv2.model import Experts, Gate
 from dsv2.model.moe import grouped_mm
 
 from .conftest import PARITY_CONFIGS, hf_model, random_model, tiny_config
