@@ -7,6 +7,7 @@ as one grouped matmul over the tokens sorted by expert, so each expert touches o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,42 @@ class RouterOutput:
     scores: torch.Tensor  # [N, E] fp32 softmax affinities s_{i,t} over all routed experts
     topk_idx: torch.Tensor  # [N, K] selected experts
     topk_weight: torch.Tensor  # [N, K] fp32 gate values g applied to the expert outputs
+    kept: torch.Tensor | None = None  # [N, K] bool: assignments that survived token dropping
+
+
+@dataclass(frozen=True)
+class TokenDropping:
+    """Training-time capacity limit (the paper's device-level token dropping).
+
+    Each of `groups` expert groups (one per device) takes at most capacity_factor x its even share
+    of the batch's (token, expert) assignments; beyond that the lowest-affinity ones are dropped.
+    Sequences marked in `protected` [B] are never dropped (the paper keeps ~10% whole).
+    """
+
+    capacity_factor: float
+    groups: int
+    protected: torch.Tensor | None = None
+
+
+def capacity_mask(route: RouterOutput, n_experts: int, batch: int, drop: TokenDropping) -> torch.Tensor:
+    """[N, K] bool: which assignments each group keeps under its capacity."""
+    idx = route.topk_idx
+    n, k = idx.shape
+    group = idx // (n_experts // drop.groups)
+    capacity = math.ceil(drop.capacity_factor * n * k / drop.groups)
+    affinity = route.scores.gather(1, idx)  # in [0, 1]
+    protected = torch.zeros(n, k, dtype=torch.bool, device=idx.device)
+    if drop.protected is not None:
+        protected = drop.protected.repeat_interleave(n // batch)[:, None].expand(n, k)
+    # sort by group, then protected first, then by affinity, and keep each group's first `capacity`
+    key = group.double() * 4 - affinity.double() - 2 * protected.double()
+    order = key.flatten().argsort()
+    sorted_group = group.flatten()[order]
+    starts = torch.searchsorted(sorted_group, torch.arange(drop.groups, device=idx.device))
+    rank = torch.arange(n * k, device=idx.device) - starts[sorted_group]
+    keep = torch.empty(n * k, dtype=torch.bool, device=idx.device)
+    keep[order] = rank < capacity
+    return keep.view(n, k) | protected
 
 
 class Gate(nn.Module):
@@ -102,17 +139,29 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
-    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        """x [N, d], topk_idx/topk_weight [N, K] -> sum_k g_k FFN_{idx_k}(x) [N, d]."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weight: torch.Tensor,
+        kept: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [N, d], topk_idx/topk_weight [N, K] -> sum_k g_k FFN_{idx_k}(x) [N, d].
+        `kept` [N, K] leaves dropped assignments out of the computation altogether."""
         k = topk_idx.shape[1]
         flat = topk_idx.flatten()
+        weight = topk_weight.flatten()
+        token = torch.arange(flat.numel(), device=x.device) // k
+        if kept is not None:
+            sel = kept.flatten().nonzero().squeeze(1)
+            flat, weight, token = flat[sel], weight[sel], token[sel]
         order = flat.argsort(stable=True)
-        token = order // k
+        token = token[order]
         counts = torch.bincount(flat, minlength=self.n_experts)
         xs = x[token]
         h = F.silu(grouped_mm(xs, self.gate_proj, counts)) * grouped_mm(xs, self.up_proj, counts)
         y = grouped_mm(h, self.down_proj, counts)
-        y = (y.float() * topk_weight.flatten()[order, None]).to(x.dtype)
+        y = (y.float() * weight[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
     def reference(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
@@ -133,11 +182,14 @@ class MoE(nn.Module):
         n_shared = config.n_shared_experts or 0
         self.shared_experts = MLP(config.hidden_size, n_shared * config.moe_intermediate_size) if n_shared else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x: torch.Tensor, drop: TokenDropping | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        """x [B, S, d]; `drop` applies only in training (never at inference, as in the paper)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         route = self.gate(flat)
-        y = self.experts(flat, route.topk_idx, route.topk_weight).view(shape)
+        if drop is not None and self.training:
+            route.kept = capacity_mask(route, self.gate.n_experts, shape[0], drop)
+        y = self.experts(flat, route.topk_idx, route.topk_weight, route.kept).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y, route

@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA
 from .cache import LatentCache
-from .moe import MLP, MoE, RouterOutput
+from .moe import MLP, MoE, RouterOutput, TokenDropping
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
 
@@ -34,11 +35,12 @@ class Block(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h, cos, sin, mask=None, cache=None, absorb=False) -> tuple[torch.Tensor, RouterOutput | None]:
+    def forward(self, h, cos, sin, mask=None, cache=None, absorb=False,
+                drop: TokenDropping | None = None) -> tuple[torch.Tensor, RouterOutput | None]:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, absorb)
         x = self.post_attention_layernorm(h)
         if self.is_moe:
-            y, route = self.mlp(x)
+            y, route = self.mlp(x, drop)
             return h + y, route
         return h + self.mlp(x), None
 
@@ -64,12 +66,16 @@ class Transformer(nn.Module):
         slots: torch.Tensor | None = None,
         return_router: bool = False,
         absorb: bool = False,
+        drop: TokenDropping | None = None,
+        checkpoint_layers: bool = False,
     ) -> torch.Tensor | ModelOutput:
         """tokens [B, S] -> logits [B, S, vocab] (with return_router, a ModelOutput).
 
         attention_mask [B, S] marks real tokens (False = padding). Without a cache, positions
         default to each row's count of real tokens so far. With a cache, `positions` and `slots`
-        (where each token's latent is stored) are given by the caller.
+        (where each token's latent is stored) are given by the caller. `drop` applies the MoE
+        capacity limit (training only); `checkpoint_layers` recomputes each block's activations in
+        the backward pass instead of keeping them.
         """
         valid = attention_mask.bool() if attention_mask is not None else None
         if positions is None:
@@ -88,7 +94,11 @@ class Transformer(nn.Module):
         h = self.embed_tokens(tokens)
         routes: list[RouterOutput] = []
         for layer in self.layers:
-            h, route = layer(h, cos, sin, mask, cache, absorb)
+            if checkpoint_layers and self.training:
+                h, route = torch.utils.checkpoint.checkpoint(
+                    layer, h, cos, sin, mask, cache, absorb, drop, use_reentrant=False)
+            else:
+                h, route = layer(h, cos, sin, mask, cache, absorb, drop)
             if route is not None:
                 routes.append(route)
         logits = self.lm_head(self.norm(h))

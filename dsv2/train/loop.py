@@ -1,0 +1,212 @@
+"""One training loop: the paper's pre-training recipe, logged, checkpointed, exactly resumable.
+
+Each optimizer step takes batch_size(tokens_seen) sequences in micro-batches (gradient
+accumulation), computes CE + the balance losses under bf16 autocast on GPU (fp32 on CPU), clips
+the gradient norm to 1.0 and steps AdamW at the schedule's LR. Every checkpoint holds what the
+next step depends on (weights, optimizer, tokens seen, data position, RNG), so a run resumed from
+one continues exactly as it would have; on CPU the losses are bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import load_model
+from ..config import ModelConfig, preset
+from ..data.loader import TokenLoader
+from ..model import TokenDropping, Transformer
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .losses import BalanceConfig, training_loss
+from .schedule import batch_size, learning_rate
+
+
+def build_model_config(cfg: TrainConfig) -> ModelConfig:
+    source = Path(cfg.model)
+    if source.exists():
+        base = ModelConfig.from_hf(source)
+        return ModelConfig.from_hf({**base.to_hf(), **cfg.model_overrides})
+    return preset(cfg.model, **cfg.model_overrides)
+
+
+def balance_config(cfg: TrainConfig, mc: ModelConfig) -> BalanceConfig:
+    groups = cfg.device_groups or (mc.n_group or 1)
+    limit = cfg.device_limit or (mc.topk_group if mc.topk_method == "group_limited_greedy" else groups)
+    if mc.n_routed_experts and mc.n_routed_experts % groups:
+        raise ValueError(f"device_groups ({groups}) must divide n_routed_experts ({mc.n_routed_experts})")
+    return BalanceConfig(cfg.expert_alpha, cfg.device_alpha, cfg.comm_alpha, groups, min(limit, groups),
+                         mc.seq_aux)
+
+
+def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
+    """No weight decay on norms and biases (the 1-D parameters)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(cfg.device if cfg.device != "auto" else
+                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
+        torch.manual_seed(cfg.seed)
+        self.train_data = TokenLoader(cfg.data, "train", cfg.seq_len, seed=cfg.seed)
+        self.val_data = TokenLoader(cfg.data, "val", cfg.seq_len, seed=cfg.seed)
+        self.step, self.tokens_seen = 0, 0
+        start = ckpt.latest_valid(self.run_dir) if resume else None
+        if resume and start is None:
+            print(f"dsv2: no valid checkpoint in {self.run_dir}; starting from scratch")
+        if start is not None:
+            self.model = load_model(start / "model", device=self.device, dtype=torch.float32).train()
+        else:
+            self.model = Transformer(build_model_config(cfg)).to(self.device)
+            self.model.init_weights(cfg.init_std)
+            self.model.train()
+        self.mc = self.model.config
+        self.balance = balance_config(cfg, self.mc)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+            fused=self.device.type == "cuda")
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if start is not None:
+            self._restore(start)
+        else:
+            self.metrics_path.write_text("")
+        cfg.save(self.run_dir / "train_config.json")
+
+    def _restore(self, path: Path) -> None:
+        saved = ckpt.load_trainer_state(path)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.train_data.load_state_dict(state["train_data"])
+        ckpt.set_rng_state(saved["rng"])
+        # the interrupted run may have logged steps past this checkpoint: they never happened now
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        kept = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        print(f"dsv2: resumed from {path} (step {self.step}, {self.tokens_seen:,} tokens)")
+
+    def _save(self) -> None:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen,
+                 "train_data": self.train_data.state_dict(), "config": self.cfg.to_dict()}
+        ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
+
+    def _log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _drop(self, batch: int) -> TokenDropping | None:
+        if not self.cfg.capacity_factor or not self.mc.n_routed_experts:
+            return None
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        protected = (torch.rand(batch, generator=g) < self.cfg.undropped_fraction).to(self.device)
+        return TokenDropping(self.cfg.capacity_factor, self.balance.groups, protected)
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        bs = batch_size(self.tokens_seen, cfg.batch_start, cfg.batch_end, cfg.ramp_tokens, cfg.micro_batch)
+        lr = learning_rate(self.step, self.tokens_seen, cfg.lr, cfg.warmup_steps, cfg.max_tokens,
+                           tuple(cfg.decay_at), cfg.decay_factor)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = bs // cfg.micro_batch
+        parts_sum: dict[str, float] = {}
+        load = None
+        dropped, assigned = 0, 0
+        for _ in range(accum):
+            inputs, targets = self.train_data.next_batch(cfg.micro_batch)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self.autocast:
+                out = self.forward(inputs, return_router=True, drop=self._drop(cfg.micro_batch),
+                                   checkpoint_layers=cfg.activation_checkpointing)
+            loss, parts = training_loss(out.logits, targets, out.router, self.mc.n_routed_experts or 1,
+                                        self.mc.num_experts_per_tok or 1, self.balance)
+            (loss / accum).backward()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
+            counts = torch.stack([torch.bincount(r.topk_idx.flatten(), minlength=self.mc.n_routed_experts)
+                                  for r in out.router]) if out.router else None
+            if counts is not None:
+                load = counts if load is None else load + counts
+            for r in out.router:
+                if r.kept is not None:
+                    dropped += int((~r.kept).sum())
+                    assigned += r.kept.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += bs * cfg.seq_len
+        record = {"step": self.step, "tokens": self.tokens_seen, "batch_size": bs, "lr": lr,
+                  "loss": sum(float(v) for v in parts_sum.values()), "grad_norm": float(grad_norm),
+                  **{k: float(v) for k, v in parts_sum.items()}}
+        if load is not None:
+            load = load.float()
+            record["expert_load"] = (load / load.sum(-1, keepdim=True)).tolist()  # [moe layers, experts]
+        if assigned:
+            record["dropped_fraction"] = dropped / assigned
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        total, count = 0.0, 0
+        for inputs, targets in self.val_data.iter_eval(self.cfg.micro_batch, self.cfg.eval_batches):
+            with self.autocast:
+                logits = self.forward(inputs.to(self.device))
+            total += float(torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), targets.to(self.device).flatten(), reduction="sum"))
+            count += targets.numel()
+        self.model.train()
+        loss = total / count
+        return {"step": self.step, "tokens": self.tokens_seen, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.max_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True,
+                   disable=not cfg.progress, dynamic_ncols=True)
+        last = {}
+        window_tokens, window_start = 0, time.perf_counter()
+        while self.tokens_seen < cfg.max_tokens:
+            before = self.tokens_seen
+            record = self.train_step()
+            window_tokens += self.tokens_seen - before
+            bar.update(self.tokens_seen - before)
+            if self.step % cfg.log_every == 0 or self.tokens_seen >= cfg.max_tokens:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - window_start
+                record["tokens_per_s"] = window_tokens / elapsed
+                window_tokens, window_start = 0, time.perf_counter()
+                self._log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            last = record
+            done = self.tokens_seen >= cfg.max_tokens
+            paused = time.perf_counter()
+            if self.step % cfg.eval_every == 0 or done:
+                ev = self.evaluate()
+                self._log(ev)
+                last = {**last, **ev}
+            if self.step % cfg.checkpoint_every == 0 or done:
+                self._save()
+            window_start += time.perf_counter() - paused  # tokens/s counts training time only
+        bar.close()
+        return last
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    return Trainer(cfg, resume).run()
