@@ -93,6 +93,27 @@ def _chat(args) -> int:
         messages.append({"role": "assistant", "content": reply.strip()})
 
 
+def _train(args) -> int:
+    from .train.config import TrainConfig
+    from .train.loop import train
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out={json.dumps(args.out)}")
+    cfg = TrainConfig.load(args.config, overrides)
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "expert_load"}))
+    return 0
+
+
+def _plot(args) -> int:
+    from .train.plot import plot_run
+
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF-format model directory")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -124,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     _add_sampling(p)
     p.set_defaults(func=_chat)
+
+    p = sub.add_parser("train", help="pre-train a model (the paper's recipe)")
+    p.add_argument("--config", default=None, help="TOML file of TrainConfig keys")
+    p.add_argument("--out", default=None, help="run directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last valid checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("plot", help="PNGs of a run: loss curves, expert-load heatmap")
+    p.add_argument("run", help="run directory")
+    p.set_defaults(func=_plot)
+
+    from .data.cli import register
+
+    register(sub)
     return parser
 
 

@@ -108,6 +108,10 @@ class Gate(nn.Module):
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [M, in] sorted by expert, counts [E] rows per expert, w [E, out, in] -> [M, out]."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        # autocast does not cover the grouped GEMM: cast as it would for a linear layer
+        dtype = torch.get_autocast_dtype("cuda")
+        x, w = x.to(dtype), w.to(dtype)
     if _has_grouped_mm(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)

