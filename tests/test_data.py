@@ -22,7 +22,7 @@ from dsv2.data.corpus import (
     strip_gutenberg,
 )
 from dsv2.data.loader import TokenLoader
-from dsv2.tokenizer import EOS_TOKEN, Tokenizer
+from dsv2.tokenizer import BOS_TOKEN, EOS_TOKEN, Tokenizer
 
 WORDS = ("the king is dead long live the king to be or not to be that is the question "
          "def return class import self lambda yield while for in if else").split()
@@ -65,7 +65,7 @@ def test_prepare_is_byte_identical_across_runs_and_worker_counts(prepared, tmp_p
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-def test_every_document_is_its_tokens_then_eos(prepared):
+def test_every_document_is_bos_its_tokens_then_eos(prepared):
     out, docs = prepared
     meta = read_meta(out)
     tokenizer = Tokenizer.from_dir(out)
@@ -75,7 +75,8 @@ def test_every_document_is_its_tokens_then_eos(prepared):
         tokens = stream(out, split)
         assert tokens[-1] == meta["eos_id"]
         pieces = np.split(tokens, np.flatnonzero(tokens == meta["eos_id"]) + 1)[:-1]
-        assert [tokenizer.decode(p[:-1].tolist()) for p in pieces] == [d.text for d in expected]
+        assert all(p[0] == tokenizer.bos_token_id for p in pieces)
+        assert [tokenizer.decode(p[1:-1].tolist()) for p in pieces] == [d.text for d in expected]
         assert meta["splits"][split]["documents"] == len(expected)
         assert meta["splits"][split]["tokens"] == len(tokens)
 
@@ -138,7 +139,7 @@ def test_txt_and_jsonl_inputs(tmp_path):
     assert sorted(d.name for d in train + val) == ["corpus/a.txt", "corpus/sub/b.jsonl:1", "corpus/sub/b.jsonl:3"]
     tokenizer = Tokenizer.from_dir(tmp_path / "out")
     text = tokenizer.decode(np.concatenate([stream(tmp_path / "out", s) for s in ("train", "val")]).tolist())
-    assert text == "".join(d.text + EOS_TOKEN for d in train + val)
+    assert text == "".join(BOS_TOKEN + d.text + EOS_TOKEN for d in train + val)
     assert "first document\nwith a windows line end\n" + EOS_TOKEN in text
 
     # Names do not depend on where the corpus lies, so neither does the output.

@@ -2,7 +2,7 @@
 parallel and write raw token arrays with a meta.json that lets anyone re-check them.
 
 Output directory:
-    train-00000.bin ...  val-00000.bin ...   every document's tokens then EOS, back to back
+    train-00000.bin ...  val-00000.bin ...   every document as BOS, its tokens, EOS, back to back
     tokenizer.json, tokenizer_config.json   the tokenizer that produced them
     meta.json                               dtype, vocab, EOS id, per-split and per-shard counts
                                             and sha256, provenance, settings
@@ -231,15 +231,17 @@ def read_meta(out_dir: str | Path) -> dict:
 
 
 class _Encode:
-    """text -> its token ids then EOS; built from the tokenizer's JSON so it can cross processes."""
+    """text -> BOS (when the tokenizer has one), its token ids, EOS; built from the tokenizer's JSON
+    so it can cross processes. BOS opens every document as it opens every prompt at inference."""
 
-    def __init__(self, tokenizer_json: str, eos_id: int, dtype: np.dtype):
+    def __init__(self, tokenizer_json: str, bos_id: int | None, eos_id: int, dtype: np.dtype):
         self.tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(tokenizer_json))
+        self.head = [] if bos_id is None else [bos_id]
         self.eos_id = eos_id
         self.dtype = dtype
 
     def __call__(self, text: str) -> np.ndarray:
-        return np.array(self.tokenizer.encode(text) + [self.eos_id], dtype=self.dtype)
+        return np.array(self.head + self.tokenizer.encode(text) + [self.eos_id], dtype=self.dtype)
 
 
 _worker_encode: _Encode | None = None
@@ -257,7 +259,7 @@ def _encode_in_worker(text: str) -> np.ndarray:
 @contextmanager
 def _encoder(tokenizer: Tokenizer, dtype: np.dtype, workers: int | None) -> Iterator:
     """A function mapping a list of texts to their token arrays, in order, over `workers` processes."""
-    args = (tokenizer.backend.to_str(), tokenizer.eos_token_id, dtype)
+    args = (tokenizer.backend.to_str(), tokenizer.bos_token_id, tokenizer.eos_token_id, dtype)
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         encode = _Encode(*args)
