@@ -128,6 +128,12 @@ def test_damaged_checkpoint_falls_back_to_the_previous(data_dir, tmp_path, capsy
     assert max(metrics(tmp_path)) == 20  # the log is cut back to the checkpoint
 
 
+def test_fresh_run_refuses_a_directory_with_checkpoints(data_dir, tmp_path):
+    train(tiny(data_dir, tmp_path))
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume"):
+        Trainer(tiny(data_dir, tmp_path))
+
+
 def test_resume_without_checkpoint_starts_fresh(data_dir, tmp_path, capsys):
     trainer = Trainer(tiny(data_dir, tmp_path), resume=True)
     assert trainer.step == 0 and "starting from scratch" in capsys.readouterr().out

@@ -65,6 +65,9 @@ class Trainer:
         self.train_data = TokenLoader(cfg.data, "train", cfg.seq_len, seed=cfg.seed)
         self.val_data = TokenLoader(cfg.data, "val", cfg.seq_len, seed=cfg.seed)
         self.step, self.tokens_seen = 0, 0
+        if not resume and ckpt.checkpoints(self.run_dir):
+            raise ValueError(f"{self.run_dir} already holds checkpoints of another run: pass --resume to "
+                             "continue it, or choose a new out directory")
         start = ckpt.latest_valid(self.run_dir) if resume else None
         if resume and start is None:
             print(f"dsv2: no valid checkpoint in {self.run_dir}; starting from scratch")
