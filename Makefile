@@ -13,8 +13,9 @@ install:
 install-test: install
 	$(PIP) install -e ".[test]"
 
+# the bundled model (a small DeepSeek-V2 trained on the built-in corpus) continues a prompt
 run: install
-	$(PYTHON) -m dsv2 info --preset deepseek-v2
+	$(PYTHON) -m dsv2 generate "HAMLET. To be, or not to be," --max-new-tokens 80 --temperature 0.8 --top-p 0.95 --seed 0
 
 test: install-test
 	$(PYTHON) -m pytest

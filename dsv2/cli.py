@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, ModelConfig, preset
+
+
+def bundled_model_dir() -> Path:
+    """The small model shipped in the package, trained on the built-in corpus (configs/bundled.toml)."""
+    return Path(str(files("dsv2") / "bundled"))
 
 
 def _info(args) -> int:
@@ -26,8 +32,11 @@ def _load(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if args.dtype == "auto" else args.dtype
-    model = load_model(args.model, device=device, dtype=dtype)
-    return model, Tokenizer.from_dir(args.model)
+    path = args.model or bundled_model_dir()
+    if args.model is None and device == "cpu" and dtype is None:
+        dtype = "float32"  # the bundled weights are bf16; CPU matmuls are faster and exact in fp32
+    model = load_model(path, device=device, dtype=dtype)
+    return model, Tokenizer.from_dir(path)
 
 
 def _sampling(args, tokenizer) -> dict:
@@ -115,7 +124,7 @@ def _plot(args) -> int:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF-format model directory")
+    p.add_argument("--model", default=None, help="HF-format model directory (default: the bundled model)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
     p.add_argument("--max-new-tokens", type=int, default=256)

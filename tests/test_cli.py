@@ -79,3 +79,21 @@ def test_cli_errors_are_clear(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     proc = dsv2("info", "--model", str(tmp_path))
     assert proc.returncode == 1 and "missing required field" in proc.stderr
+
+
+def test_bundled_model_is_the_default():
+    proc = dsv2("generate", "ROMEO. O gentle night,", "--max-new-tokens", "8", "--device", "cpu", "--seed", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("ROMEO. O gentle night,") and len(proc.stdout) > len("ROMEO. O gentle night,") + 5
+    proc = dsv2("chat", "--max-new-tokens", "4", "--device", "cpu", stdin="hello\n")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_bundled_model_size_limits():
+    from dsv2.cli import bundled_model_dir
+
+    weights = list(bundled_model_dir().glob("*.safetensors"))
+    assert weights and all(p.stat().st_size <= 16 * 2**20 for p in weights)
+    assert sum(p.stat().st_size for p in bundled_model_dir().iterdir()) <= 40 * 2**20
+    info = json.loads(dsv2("info", "--model", str(bundled_model_dir())).stdout)
+    assert info["routed_experts"] == 16 and info["shared_experts"] == 1
