@@ -13,4 +13,5 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # in x's dtype: under autocast an fp32 weight would otherwise promote the stream back to fp32
+        return self.weight.to(x.dtype) * xf.to(x.dtype)

@@ -92,6 +92,10 @@ class Transformer(nn.Module):
             mask = None if valid is None else _padded_causal_mask(valid)
         cos, sin = self.rotary(positions)
         h = self.embed_tokens(tokens)
+        if torch.is_autocast_enabled(h.device.type):
+            # the residual stream in the autocast dtype (bf16), as with bf16 parameters: fp32 master
+            # weights stay in the optimizer, and no fp32 activations are cast at every matmul
+            h = h.to(torch.get_autocast_dtype(h.device.type))
         routes: list[RouterOutput] = []
         for layer in self.layers:
             if checkpoint_layers and self.training:

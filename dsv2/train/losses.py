@@ -37,15 +37,17 @@ def balance_losses(route: RouterOutput, batch: int, n_experts: int, top_k: int,
     rows = batch if cfg.per_sequence else 1
     scores = scores.view(rows, -1, n_experts)  # [R, T, E]
     t = scores.shape[1]
-    picked = F.one_hot(route.topk_idx.view(rows, t, top_k), n_experts).sum(2).float()  # [R, T, E]
-    f = picked.sum(1) * n_experts / (top_k * t)  # [R, E]
+    idx = route.topk_idx.view(rows, t * top_k)
+    counts = torch.zeros(rows, n_experts, device=idx.device).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float))
+    f = counts * n_experts / (top_k * t)  # [R, E]
     p = scores.mean(1)  # [R, E]
     out = {"expert": cfg.expert_alpha * (f * p).sum(-1).mean()}
     d = cfg.groups
     f_dev = f.view(rows, d, -1).mean(-1)  # [R, D]
     p_dev = p.view(rows, d, -1).sum(-1)
     out["device"] = cfg.device_alpha * (f_dev * p_dev).sum(-1).mean()
-    reached = picked.view(rows, t, d, -1).amax(-1)  # [R, T, D]: token t sent to group d
+    group = route.topk_idx.view(rows, t, top_k) // (n_experts // d)
+    reached = F.one_hot(group, d).amax(2).float()  # [R, T, D]: token t sent to group d
     f_comm = reached.sum(1) * d / (cfg.device_limit * t)
     out["comm"] = cfg.comm_alpha * (f_comm * p_dev).sum(-1).mean()
     return out
