@@ -64,7 +64,7 @@ def time_steps(step, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def dsv2_step_fn(config, tokens, targets, compile_model: bool):
+def dsv2_step_fn(config, tokens, targets, compile_model: bool, accum: int = 1):
     model = Transformer(config).cuda()
     model.init_weights()
     model.train()
@@ -73,11 +73,12 @@ def dsv2_step_fn(config, tokens, targets, compile_model: bool):
     balance = BalanceConfig(groups=config.n_group or 1, device_limit=config.topk_group or 1)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = fwd(tokens, return_router=True)
-        loss, _ = training_loss(out.logits, targets, out.router, config.n_routed_experts,
-                                config.num_experts_per_tok, balance)
-        loss.backward()
+        for _ in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fwd(tokens, return_router=True)
+            loss, _ = training_loss(out.logits, targets, out.router, config.n_routed_experts,
+                                    config.num_experts_per_tok, balance)
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -85,7 +86,7 @@ def dsv2_step_fn(config, tokens, targets, compile_model: bool):
     return step
 
 
-def hf_step_fn(config, tokens, targets):
+def hf_step_fn(config, tokens, targets, accum: int = 1):
     import transformers
 
     hf_config = transformers.DeepseekV2Config(**{k: v for k, v in config.to_hf().items()
@@ -100,10 +101,11 @@ def hf_step_fn(config, tokens, targets):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(tokens).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        loss.backward()
+        for _ in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(tokens).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -116,6 +118,7 @@ def main() -> None:
     ap.add_argument("--preset", default="dsv2-1b-moe")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
@@ -127,7 +130,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len + 1), generator=g).cuda()
     tokens, targets = data[:, :-1], data[:, 1:]
-    n_tokens = tokens.numel()
+    n_tokens = tokens.numel() * args.accum
     fpt = flops_per_token(config, args.seq_len)
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
@@ -135,25 +138,25 @@ def main() -> None:
     params = count_params(config)
     rows = {}
 
-    sec = time_steps(dsv2_step_fn(config, tokens, targets, args.compile), args.steps, args.warmup)
+    sec = time_steps(dsv2_step_fn(config, tokens, targets, args.compile, args.accum), args.steps, args.warmup)
     rows["dsv2" + (" (compiled)" if args.compile else "")] = sec
     torch.cuda.empty_cache()
     hf_impl = None
     if not args.skip_hf:
-        step, hf_impl = hf_step_fn(config, tokens, targets)
+        step, hf_impl = hf_step_fn(config, tokens, targets, args.accum)
         rows[f"transformers (experts={hf_impl}, sdpa)"] = time_steps(step, args.steps, args.warmup)
 
     result = {
         "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "preset": args.preset, "params_total": params["total"], "params_activated": params["activated"],
-        "micro_batch": args.micro_batch, "seq_len": args.seq_len, "tokens_per_step": n_tokens,
+        "micro_batch": args.micro_batch, "accum": args.accum, "seq_len": args.seq_len, "tokens_per_step": n_tokens,
         "flops_per_token": fpt, "peak_bf16_flops": peak, "measured_matmul_flops": measured_peak,
         "rows": {k: {"step_s": v, "tokens_per_s": n_tokens / v, "mfu": n_tokens * fpt / v / peak}
                  for k, v in rows.items()},
     }
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\n{args.preset}: {params['total'] / 1e9:.2f}B total, {params['activated'] / 1e9:.3f}B activated; "
-          f"{args.micro_batch}x{args.seq_len} tokens/step; {fpt / 1e9:.2f} GFLOP/token; {name}")
+          f"{args.accum}x{args.micro_batch}x{args.seq_len} tokens/step; {fpt / 1e9:.2f} GFLOP/token; {name}")
     print(f"{'implementation':<42}{'step ms':>9}{'tokens/s':>11}{'MFU':>7}")
     for k, r in result["rows"].items():
         print(f"{k:<42}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>11.0f}{r['mfu'] * 100:>6.1f}%")

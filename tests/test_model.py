@@ -62,6 +62,18 @@ def test_grouped_experts_equal_per_expert_reference():
     assert (experts(x, idx, w) - experts.reference(x, idx, w)).abs().max() < 1e-5
 
 
+def test_dropped_assignments_are_left_out():
+    torch.manual_seed(1)
+    experts = Experts(8, 16, 12)
+    for p in experts.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(20, 16)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(20)])
+    w = torch.rand(20, 2)
+    kept = torch.rand(20, 2) > 0.3
+    assert (experts(x, idx, w, kept) - experts.reference(x, idx, w * kept)).abs().max() < 1e-5
+
+
 def test_grouped_mm_loop_against_dense():
     x = torch.randn(11, 8)
     w = torch.randn(3, 5, 8)

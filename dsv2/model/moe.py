@@ -152,19 +152,33 @@ class Experts(nn.Module):
     ) -> torch.Tensor:
         """x [N, d], topk_idx/topk_weight [N, K] -> sum_k g_k FFN_{idx_k}(x) [N, d].
         `kept` [N, K] leaves dropped assignments out of the computation altogether."""
-        k = topk_idx.shape[1]
-        flat = topk_idx.flatten()
-        weight = topk_weight.flatten()
-        token = torch.arange(flat.numel(), device=x.device) // k
+        n, k = topk_idx.shape
         if kept is not None:
-            sel = kept.flatten().nonzero().squeeze(1)
-            flat, weight, token = flat[sel], weight[sel], token[sel]
+            return self._dropping(x, topk_idx, topk_weight, kept)
+        # every token has exactly k assignments: sort them by expert, run the experts, then put the
+        # outputs back in token order by the inverse permutation and sum over k, so that neither
+        # direction needs atomic scatter-adds
+        flat = topk_idx.flatten()
         order = flat.argsort(stable=True)
-        token = token[order]
         counts = torch.bincount(flat, minlength=self.n_experts)
-        xs = x[token]
+        xs = x.repeat_interleave(k, dim=0)[order]
+        y = self._ffn(xs, counts)
+        y = torch.empty_like(y).index_copy_(0, order, y).view(n, k, -1)
+        return (y.float() * topk_weight[..., None]).sum(1).to(x.dtype)
+
+    def _ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         h = F.silu(grouped_mm(xs, self.gate_proj, counts)) * grouped_mm(xs, self.up_proj, counts)
-        y = grouped_mm(h, self.down_proj, counts)
+        return grouped_mm(h, self.down_proj, counts)
+
+    def _dropping(self, x, topk_idx, topk_weight, kept) -> torch.Tensor:
+        """Training with token dropping: only kept assignments are computed, summed by index_add."""
+        k = topk_idx.shape[1]
+        sel = kept.flatten().nonzero().squeeze(1)
+        flat, weight, token = topk_idx.flatten()[sel], topk_weight.flatten()[sel], sel // k
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        token = token[order]
+        y = self._ffn(x[token], counts)
         y = (y.float() * weight[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, y)
 
