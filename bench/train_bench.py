@@ -142,9 +142,15 @@ def main() -> None:
     rows["dsv2" + (" (compiled)" if args.compile else "")] = sec
     torch.cuda.empty_cache()
     hf_impl = None
+    oom = []
     if not args.skip_hf:
-        step, hf_impl = hf_step_fn(config, tokens, targets, args.accum)
-        rows[f"transformers (experts={hf_impl}, sdpa)"] = time_steps(step, args.steps, args.warmup)
+        try:
+            step, hf_impl = hf_step_fn(config, tokens, targets, args.accum)
+            rows[f"transformers (experts={hf_impl}, sdpa)"] = time_steps(step, args.steps, args.warmup)
+        except torch.OutOfMemoryError:
+            oom.append("transformers")
+        step = None
+        torch.cuda.empty_cache()
 
     result = {
         "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -153,6 +159,7 @@ def main() -> None:
         "flops_per_token": fpt, "peak_bf16_flops": peak, "measured_matmul_flops": measured_peak,
         "rows": {k: {"step_s": v, "tokens_per_s": n_tokens / v, "mfu": n_tokens * fpt / v / peak}
                  for k, v in rows.items()},
+        "out_of_memory": oom,
     }
     args.out.write_text(json.dumps(result, indent=2))
     print(f"\n{args.preset}: {params['total'] / 1e9:.2f}B total, {params['activated'] / 1e9:.3f}B activated; "
@@ -160,6 +167,8 @@ def main() -> None:
     print(f"{'implementation':<42}{'step ms':>9}{'tokens/s':>11}{'MFU':>7}")
     for k, r in result["rows"].items():
         print(f"{k:<42}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>11.0f}{r['mfu'] * 100:>6.1f}%")
+    for k in oom:
+        print(f"{k:<42}{'out of memory':>27}")
     print(f"{'limit: matmul measured in this run':<42}{'':>9}{measured_peak / fpt:>11.0f}"
           f"{measured_peak / peak * 100:>6.1f}%")
     base = [v for k, v in result["rows"].items() if k.startswith("transformers")]

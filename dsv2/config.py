@@ -331,12 +331,18 @@ _MOE_1B = dict(  # ~1B total parameters: the training benchmark's size
     qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, max_position_embeddings=4096,
     rope_scaling=None, bos_token_id=0, eos_token_id=1,
 )
+_LITE_1B = dict(  # ~1B total with V2-Lite's widths and head dims: fewer layers and experts
+    _LITE, vocab_size=32768, num_hidden_layers=8, n_routed_experts=32, num_experts_per_tok=4,
+    moe_intermediate_size=704, intermediate_size=5632, max_position_embeddings=4096, rope_scaling=None,
+    bos_token_id=0, eos_token_id=1,
+)
 PRESETS: dict[str, dict] = {
     "deepseek-v2": _V2,
     "deepseek-v2-lite": _LITE,
     "dsv2-tiny": _TINY,
     "dsv2-small": _SMALL,
     "dsv2-1b-moe": _MOE_1B,
+    "dsv2-1b-lite": _LITE_1B,
 }
 
 
