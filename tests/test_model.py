@@ -192,3 +192,15 @@ def test_cuda_bf16_no_worse_than_transformers(tmp_path):
 
     assert err(theirs) < 0.2
     assert err(ours) < 1.25 * err(theirs) and err(absorbed) < 1.25 * err(theirs)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = random_model(tiny_config()).train()
+    tokens = torch.randint(0, 512, (2, 24))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        out = model(tokens, return_router=True, checkpoint_layers=ckpt)
+        (out.logits.logsumexp(-1).mean() + sum(r.scores.pow(2).mean() for r in out.router)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
