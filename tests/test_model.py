@@ -50,11 +50,16 @@ def test_absorbed_attention_equals_expanded(name):
         assert (model(tokens, absorb=True) - model(tokens)).abs().max() < 1e-4
 
 
-def test_grouped_experts_equal_per_expert_reference():
-    torch.manual_seed(0)
+def _experts(seed):
+    torch.manual_seed(seed)
     experts = Experts(8, 16, 12)
     for p in experts.parameters():
         p.data.normal_(0, 0.3)
+    return experts
+
+
+def test_grouped_experts_equal_per_expert_reference():
+    experts = _experts(0)
     x = torch.randn(37, 16)
     idx = torch.stack([torch.randperm(8)[:3] for _ in range(37)])
     idx[:10] = torch.tensor([5, 1, 2])  # an uneven load; expert 7 may go unused
@@ -63,10 +68,7 @@ def test_grouped_experts_equal_per_expert_reference():
 
 
 def test_dropped_assignments_are_left_out():
-    torch.manual_seed(1)
-    experts = Experts(8, 16, 12)
-    for p in experts.parameters():
-        p.data.normal_(0, 0.3)
+    experts = _experts(1)
     x = torch.randn(20, 16)
     idx = torch.stack([torch.randperm(8)[:2] for _ in range(20)])
     w = torch.rand(20, 2)

@@ -1,6 +1,6 @@
 """Training batches from prepared token shards, in a seeded order that a checkpoint can resume exactly.
 
-A split is one token stream (documents back to back, each ending in EOS) cut into non-overlapping
+A split is one token stream (documents back to back, each as BOS, its tokens, EOS) cut into non-overlapping
 windows of seq_len + 1 tokens; a window gives the inputs (its first seq_len tokens) and the targets
 (its last seq_len). Windows are served in a permutation drawn from (seed, epoch) alone, so the
 position in it (epoch, cursor) is the loader's whole state: no RNG state to save, and a restored
