@@ -1,0 +1,7 @@
+"""The inference engine: paged latent KV cache, continuous batching, vLLM-like surface."""
+
+from .engine import CompletionOutput, EngineConfig, LLMEngine, RequestOutput
+from .llm import LLM
+from .params import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]

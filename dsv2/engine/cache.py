@@ -1,0 +1,264 @@
+"""The paged latent KV cache and its block manager (vLLM / nano-vllm style, for MLA).
+
+MLA caches per token per layer only c_kv (kv_lora_rank) and k_rope (qk_rope_head_dim): 576 numbers
+for the released models, against 2 x heads x head_dim for MHA. Tokens live in fixed-size pages
+("blocks"); a sequence's block table lists its pages in order, so token p sits in slot
+table[p // block_size] * block_size + p % block_size.
+
+`PagedLatentCache` is the memory; `BlockManager` decides which blocks a sequence owns and shares
+full blocks between sequences with the same prefix (prefix caching). The one invariant that makes
+sharing safe: the engine only ever writes KV into a block it holds alone. Shared blocks are full,
+registered blocks that nobody writes again; `allocate` keeps the token it must recompute out of
+them (see there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from ..config import ModelConfig
+
+
+class PagedLatentCache:
+    """kv [layers, blocks, block_size, kv_lora_rank + qk_rope_head_dim]: per token one contiguous row,
+    latent then rope, so a decode kernel reads one 576-wide row per key."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 64, device=None,
+                 dtype: torch.dtype = torch.bfloat16):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_lora_rank = config.kv_lora_rank
+        self.rope_dim = config.qk_rope_head_dim
+        self.width = self.kv_lora_rank + self.rope_dim
+        # zeros, not empty: a block's unwritten slots are read (then masked) by gather and kernels,
+        # and uninitialised memory may hold NaNs that survive a multiplicative mask
+        self.kv = torch.zeros(config.num_hidden_layers, num_blocks, block_size, self.width,
+                              device=device, dtype=dtype)
+
+    def c_kv(self, layer: int) -> torch.Tensor:
+        """[blocks, block_size, kv_lora_rank], a view."""
+        return self.kv[layer, ..., : self.kv_lora_rank]
+
+    def k_rope(self, layer: int) -> torch.Tensor:
+        """[blocks, block_size, qk_rope_head_dim], a view."""
+        return self.kv[layer, ..., self.kv_lora_rank:]
+
+    def write(self, layer: int, slots: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
+        """Store token i's latent and rope key in slot slots[i] (block_id * block_size + offset)."""
+        rows = self.kv[layer].view(-1, self.width)  # [blocks * block_size, width]
+        rows.index_copy_(0, slots, torch.cat([c_kv, k_rope], dim=-1).to(rows.dtype))
+
+    def gather(self, layer: int, block_table: torch.Tensor, lengths: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """block_table [B, max_blocks] (-1 pads), lengths [B] -> c_kv [B, T, r], k_rope [B, T, dr]
+        with T = max_blocks * block_size: the slow, obviously right twin of a paged decode kernel.
+        Positions at or past a row's length must still be masked by the caller; they are zeroed here
+        so a block's previous owner never shows through."""
+        b, m = block_table.shape
+        kv = self.kv[layer][block_table.clamp(min=0)].reshape(b, m * self.block_size, self.width)
+        past = torch.arange(m * self.block_size, device=kv.device)[None, :] >= lengths[:, None]
+        kv = kv.masked_fill(past[..., None], 0)
+        return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank:]
+
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int = 64, dtype: torch.dtype = torch.bfloat16) -> int:
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+        return config.num_hidden_layers * block_size * width * dtype.itemsize
+
+    @staticmethod
+    def num_blocks_for(config: ModelConfig, free_bytes: int, block_size: int = 64,
+                       dtype: torch.dtype = torch.bfloat16) -> int:
+        return int(free_bytes) // PagedLatentCache.bytes_per_block(config, block_size, dtype)
+
+
+def block_hash(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
+    """sha256 of (parent block's hash, this block's token ids as little-endian int64).
+
+    Chained, so a block matches only when everything before it matches too (its KV depends on the
+    whole prefix). hashlib, not hash(): stable across processes and PYTHONHASHSEED. The first
+    block's parent is 32 zero bytes so every input has the same fixed-width layout."""
+    h = hashlib.sha256(parent if parent is not None else bytes(32))
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return h.digest()
+
+
+class OutOfBlocks(RuntimeError):
+    """Not enough free cache blocks; callers check can_allocate / can_append first."""
+
+
+class BlockManager:
+    """Block ids, reference counts, a free list in eviction order, and the prefix-cache index.
+
+    A block is in use while its ref count is > 0. Free blocks sit in `_free` (front = evicted
+    first). A free block may still hold a registered hash: its KV stays valid and `allocate` can
+    take it back until the block is popped for new data.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int = 64, enable_prefix_caching: bool = True):
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref = [0] * num_blocks
+        # hash of a full block's content once known; set only while the block holds that content
+        self.hash: list[bytes | None] = [None] * num_blocks
+        self._cached: dict[bytes, int] = {}  # hash -> the one block found by lookups
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # O(1) middle removal
+        # prefix-cache metrics, in prompt tokens
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    # --- state -----------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    def all_free(self) -> bool:
+        return len(self._free) == self.num_blocks and not any(self.ref)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def slot_mapping(self, block_table: Sequence[int], start: int, end: int) -> list[int]:
+        """Cache slots of token positions [start, end)."""
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    # --- allocation ------------------------------------------------------------------------------
+    def _match(self, token_ids: Sequence[int]) -> list[int]:
+        """The cached blocks to reuse for a new prompt: the longest chain of registered full blocks
+        matching its prefix, less the last one when it would cover the prompt's last token.
+
+        The last token is always recomputed so the engine gets its logits. Sharing the block that
+        holds it would make the engine write that token's KV into a block other sequences read;
+        recomputed KV equals the cached one only up to rounding, so instead the whole block is
+        recomputed in a fresh block (as vLLM v1 does). This keeps num_cached_tokens a multiple of
+        block_size and every engine write in a block held alone."""
+        if not self.enable_prefix_caching:
+            return []
+        bs, matched, parent = self.block_size, [], None
+        for i in range(len(token_ids) // bs):
+            parent = block_hash(parent, token_ids[i * bs: (i + 1) * bs])
+            block = self._cached.get(parent)
+            if block is None:
+                break
+            matched.append(block)
+        if matched and len(matched) * bs >= len(token_ids):
+            matched.pop()
+        return matched
+
+    def _fresh_needed(self, token_ids: Sequence[int], matched: list[int]) -> tuple[int, int]:
+        """(fresh blocks needed, free blocks available to them): matched blocks with ref 0 leave
+        the free list too."""
+        revived = sum(1 for b in matched if self.ref[b] == 0)
+        return self.blocks_needed(len(token_ids)) - len(matched), len(self._free) - revived
+
+    def can_allocate(self, token_ids: Sequence[int]) -> bool:
+        need, have = self._fresh_needed(token_ids, self._match(token_ids))
+        return need <= have
+
+    def allocate(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
+        """Blocks for a new sequence's prompt -> (block_table, num_cached_tokens). The engine must
+        compute tokens [num_cached_tokens, len(token_ids)); num_cached_tokens is a multiple of
+        block_size and at most len(token_ids) - 1."""
+        if not token_ids:
+            raise ValueError("cannot allocate an empty prompt: there is no token to compute")
+        matched = self._match(token_ids)
+        need, have = self._fresh_needed(token_ids, matched)
+        if need > have:
+            raise OutOfBlocks(f"prompt of {len(token_ids)} tokens needs {need} free blocks "
+                              f"beyond {len(matched)} cached; {have} free")
+        # take the matched blocks first, so popping fresh blocks cannot evict them
+        for b in matched:
+            if self.ref[b] == 0:
+                del self._free[b]
+            self.ref[b] += 1
+        table = matched + [self._pop_free() for _ in range(need)]
+        num_cached = len(matched) * self.block_size
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += len(token_ids)
+            self.prefix_cache_hits += num_cached
+        return table, num_cached
+
+    def can_append(self, block_table: Sequence[int], num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) - len(block_table) <= len(self._free)
+
+    def append(self, block_table: list[int], num_tokens: int) -> None:
+        """Grow block_table in place to cover num_tokens tokens in total."""
+        need = self.blocks_needed(num_tokens) - len(block_table)
+        if need > len(self._free):
+            raise OutOfBlocks(f"{num_tokens} tokens need {need} more blocks; {len(self._free)} free")
+        block_table.extend(self._pop_free() for _ in range(need))
+
+    def _pop_free(self) -> int:
+        """The least recently freed block, made fresh: its old content (and hash) is about to be
+        overwritten, so it leaves the prefix-cache index."""
+        block, _ = self._free.popitem(last=False)
+        h = self.hash[block]
+        if h is not None:
+            if self._cached.get(h) == block:
+                del self._cached[h]
+            self.hash[block] = None
+        self.ref[block] = 1
+        return block
+
+    # --- prefix caching --------------------------------------------------------------------------
+    def cache_full_blocks(self, block_table: Sequence[int], token_ids: Sequence[int],
+                          num_computed_tokens: int) -> None:
+        """Register the full blocks among tokens [0, num_computed_tokens), whose KV the engine has
+        written, so later prompts can reuse them. Idempotent; call after every step."""
+        if not self.enable_prefix_caching:
+            return
+        bs, parent = self.block_size, None
+        for i in range(num_computed_tokens // bs):
+            block = block_table[i]
+            h = self.hash[block]
+            if h is None:  # a block that already has a hash holds exactly this chain's content
+                h = block_hash(parent, token_ids[i * bs: (i + 1) * bs])
+                self.hash[block] = h
+                # same content already registered elsewhere (e.g. a recomputed last block):
+                # lookups keep finding that block; this one stays a private duplicate
+                self._cached.setdefault(h, block)
+            parent = h
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (after a weight update, or between benchmark runs). Refused
+        (False) while blocks are in use: their KV would be registered again as they fill."""
+        if len(self._free) != self.num_blocks:
+            return False
+        self._cached.clear()
+        self.hash = [None] * self.num_blocks
+        self.prefix_cache_queries = self.prefix_cache_hits = 0
+        return True
+
+    # --- release ---------------------------------------------------------------------------------
+    def free(self, block_table: list[int]) -> None:
+        """Drop one reference to each block and empty the table (so a second free is harmless).
+        Blocks reaching 0 go to the back of the free list keeping their hash, tail first so a
+        sequence's tail is evicted before its head, which other prompts are likelier to share."""
+        if any(self.ref[b] <= 0 for b in block_table):
+            raise RuntimeError(f"freeing a block that is not in use: {block_table}")
+        for b in reversed(block_table):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self._free[b] = None
+        block_table.clear()

@@ -1,0 +1,103 @@
+"""`LLM`: offline batched generation with vLLM's surface.
+
+    from dsv2 import LLM, SamplingParams
+    llm = LLM("path/to/model")
+    outs = llm.generate(["Hello"], SamplingParams(temperature=0.8, max_tokens=64))
+    print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import load_model
+from ..tokenizer import Tokenizer
+from .engine import EngineConfig, LLMEngine, RequestOutput
+from .params import SamplingParams
+
+_KV_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        max_num_batched_tokens: int = 2048,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_dtype: str = "auto",
+        block_size: int = 64,
+        num_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+    ):
+        if kv_cache_dtype not in _KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: expected one of {', '.join(_KV_DTYPES)}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model_dtype = None if dtype == "auto" else dtype
+        if model_dtype is None and device == "cpu":
+            model_dtype = "float32"  # CPU matmuls in bf16 are slow and gain nothing here
+        self.model = load_model(model, device=device, dtype=model_dtype)
+        self.tokenizer = Tokenizer.from_dir(model)
+        cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                           max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                           num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization,
+                           enable_prefix_caching=enable_prefix_caching)
+        self.engine = LLMEngine(self.model, self.tokenizer, cfg, _KV_DTYPES[kv_cache_dtype])
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | dict | Seq[str | dict],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. A prompt is a string or {"prompt_token_ids": [...]}."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        order = []
+        for prompt, p in zip(prompts, params):
+            if isinstance(prompt, str):
+                ids, text = self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_token_id is not None), prompt
+            elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+                ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
+            else:
+                raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, ids, p, text)
+            order.append(rid)
+        return self._run(order, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Apply the chat template (with the generation prompt) to one or more conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.tokenizer.apply_chat_template(c, add_generation_prompt=True)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(order), disable=not use_tqdm, desc="generating")
+        while len(done) < len(order):
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[rid] for rid in order]

@@ -1,0 +1,118 @@
+"""The engine against the reference generation: the same greedy tokens for many concurrent requests
+of mixed lengths with chunked prefill, preemption and prefix-cache hits all forced on."""
+
+import random
+
+import pytest
+import torch
+
+from dsv2.checkpoint import save_model
+from dsv2.engine import LLM, SamplingParams
+from dsv2.generate import generate
+from dsv2.tokenizer import train_bpe
+
+from .conftest import random_model, tiny_config
+
+TEXT = ["The quick brown fox jumps over the lazy dog. " * 4, "def add(a, b):\n    return a + b\n" * 4,
+        "To be, or not to be, that is the question. " * 4]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine-model")
+    tok = train_bpe(TEXT * 10, vocab_size=300)
+    model = random_model(tiny_config(vocab_size=tok.vocab_size), seed=31, std=0.2)
+    save_model(model, path)
+    tok.save(path)
+    return path, model, tok
+
+
+def _llm(path, **kw):
+    base = dict(device="cpu", block_size=8, num_blocks=64, max_num_batched_tokens=48, max_num_seqs=16,
+                max_model_len=256)
+    return LLM(path, **{**base, **kw})
+
+
+def _requests(n, vocab, seed=0):
+    rng = random.Random(seed)
+    shared = [rng.randrange(2, vocab) for _ in range(20)]  # a common prefix: prefix-cache hits
+    prompts, lengths = [], []
+    for i in range(n):
+        body = [rng.randrange(2, vocab) for _ in range(rng.randrange(1, 60))]
+        prompts.append(shared[: rng.choice([0, 8, 17, 20])] + body)
+        lengths.append(rng.randrange(1, 24))
+    return prompts, lengths
+
+
+def test_greedy_tokens_equal_the_reference_under_pressure(model_dir):
+    path, model, tok = model_dir
+    llm = _llm(path)
+    prompts, lengths = _requests(56, tok.vocab_size)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lengths]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for p, m, out in zip(prompts, lengths, outs):
+        assert out.outputs[0].token_ids == generate(model, [p], m)[0]
+        assert out.outputs[0].finish_reason == "length"
+    engine = llm.engine
+    assert engine.scheduler.num_preemptions > 0  # the cache was too small for everyone at once
+    assert engine.blocks.all_free()
+    assert sum(o.num_cached_tokens for o in outs) > 0  # shared prefixes were reused
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(model_dir):
+    path, _, tok = model_dir
+    llm = _llm(path)
+    prompts, _ = _requests(6, tok.vocab_size, seed=1)
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=12, ignore_eos=True)
+    alone = llm.generate({"prompt_token_ids": prompts[0]}, p)[0].outputs[0].token_ids
+    crowd = llm.generate([{"prompt_token_ids": q} for q in prompts],
+                         [p] + [SamplingParams(temperature=1.0, max_tokens=12)] * 5)
+    assert crowd[0].outputs[0].token_ids == alone
+
+
+def test_n_samples_and_text(model_dir):
+    path, _, tok = model_dir
+    llm = _llm(path)
+    out = llm.generate("The quick brown", SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    for o in out.outputs:
+        assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)
+
+
+def test_abort_frees_every_page(model_dir):
+    path, _, tok = model_dir
+    llm = _llm(path)
+    engine = llm.engine
+    prompts, _ = _requests(10, tok.vocab_size, seed=2)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    assert not engine.blocks.all_free()
+    for i in range(len(prompts)):
+        engine.abort_request(f"r{i}")
+    assert engine.blocks.all_free() and not engine.has_unfinished_requests()
+
+
+def test_bad_requests(model_dir):
+    path, _, _ = model_dir
+    llm = _llm(path, max_model_len=128)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate({"prompt_token_ids": [5] * 120}, SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate({"prompt_token_ids": []})
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate({"prompt_token_ids": [10**6]})
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        _llm(path, kv_cache_dtype="int3")
+
+
+def test_chat_applies_the_template(model_dir):
+    path, model, tok = model_dir
+    llm = _llm(path)
+    messages = [{"role": "user", "content": "hello fox"}]
+    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert out.prompt_token_ids == ids
+    assert out.outputs[0].token_ids == generate(model, [ids], 8)[0]
