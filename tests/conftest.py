@@ -36,6 +36,21 @@ def random_model(config, seed=0, std=0.15):
     return model.eval()
 
 
+TEXTS = ["The quick brown fox jumps over the lazy dog. " * 4, "def add(a, b):\n    return a + b\n" * 4,
+         "To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer. " * 2]
+
+
+def model_with_tokenizer(path, seed):
+    """A random tiny model saved with a small trained BPE tokenizer: (path, model, tokenizer)."""
+    from dsv2.tokenizer import train_bpe
+
+    tok = train_bpe(TEXTS * 10, vocab_size=300)
+    model = random_model(tiny_config(vocab_size=tok.vocab_size), seed=seed, std=0.2)
+    save_model(model, path)
+    tok.save(path)
+    return path, model, tok
+
+
 def hf_model(model, directory):
     """The same weights in transformers' DeepseekV2ForCausalLM, through the files save_model writes."""
     transformers = pytest.importorskip("transformers")

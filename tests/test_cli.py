@@ -4,15 +4,9 @@ import sys
 
 import pytest
 
-from dsv2.checkpoint import save_model
 from dsv2.generate import generate
-from dsv2.tokenizer import train_bpe
 
-from .conftest import random_model, tiny_config
-
-TEXT = ["The quick brown fox jumps over the lazy dog. " * 3, "def add(a, b):\n    return a + b\n" * 3,
-        "To be, or not to be, that is the question. Whether 'tis nobler in the mind to suffer. " * 2]
-
+from .conftest import model_with_tokenizer
 
 def dsv2(*args, stdin=None):
     proc = subprocess.run([sys.executable, "-m", "dsv2.cli", *args], input=stdin, capture_output=True,
@@ -22,12 +16,7 @@ def dsv2(*args, stdin=None):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    tok = train_bpe(TEXT * 20, vocab_size=300)
-    model = random_model(tiny_config(vocab_size=tok.vocab_size), seed=21, std=0.2)
-    save_model(model, path)
-    tok.save(path)
-    return path, model, tok
+    return model_with_tokenizer(tmp_path_factory.mktemp("model"), seed=21)
 
 
 @pytest.mark.parametrize("name, total, active", [("deepseek-v2", 236, 21), ("deepseek-v2-lite", 15.7, 2.4)])

@@ -4,27 +4,16 @@ of mixed lengths with chunked prefill, preemption and prefix-cache hits all forc
 import random
 
 import pytest
-import torch
 
-from dsv2.checkpoint import save_model
 from dsv2.engine import LLM, SamplingParams
 from dsv2.generate import generate
-from dsv2.tokenizer import train_bpe
 
-from .conftest import random_model, tiny_config
-
-TEXT = ["The quick brown fox jumps over the lazy dog. " * 4, "def add(a, b):\n    return a + b\n" * 4,
-        "To be, or not to be, that is the question. " * 4]
+from .conftest import model_with_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("engine-model")
-    tok = train_bpe(TEXT * 10, vocab_size=300)
-    model = random_model(tiny_config(vocab_size=tok.vocab_size), seed=31, std=0.2)
-    save_model(model, path)
-    tok.save(path)
-    return path, model, tok
+    return model_with_tokenizer(tmp_path_factory.mktemp("model"), seed=31)
 
 
 def _llm(path, **kw):
