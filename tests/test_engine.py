@@ -105,3 +105,51 @@ def test_chat_applies_the_template(model_dir):
     ids = tok.apply_chat_template(messages, add_generation_prompt=True)
     assert out.prompt_token_ids == ids
     assert out.outputs[0].token_ids == generate(model, [ids], 8)[0]
+
+
+def test_async_streams_and_aborts(model_dir):
+    import asyncio
+
+    from dsv2.engine import AsyncLLM
+
+    path, model, tok = model_dir
+    llm = AsyncLLM(path, device="cpu", block_size=8, num_blocks=64, max_model_len=256)
+    prompts, _ = _requests(12, tok.vocab_size, seed=4)
+
+    async def collect(p, n):
+        texts, last = [], None
+        async for out in llm.generate({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=n,
+                                                                              ignore_eos=True)):
+            texts.append(out.new_text[0])
+            last = out
+        return texts, last
+
+    async def leave_early(p):
+        seen = 0
+        async for _ in llm.generate({"prompt_token_ids": p}, SamplingParams(max_tokens=150, ignore_eos=True)):
+            seen += 1
+            if seen == 3:
+                break
+        return seen
+
+    async def main():
+        results = await asyncio.gather(*[collect(p, 10) for p in prompts[:8]],
+                                       *[leave_early(p) for p in prompts[8:]])
+        for p, (texts, last) in zip(prompts[:8], results[:8]):
+            assert last.finished and last.outputs[0].token_ids == generate(model, [p], 10)[0]
+            assert "".join(texts) == last.outputs[0].text
+            assert len(texts) > 1  # streamed, not delivered at once
+        assert results[8:] == [3] * 4
+        for _ in range(200):  # the aborts land on the engine thread's next pass
+            if llm.engine.blocks.all_free() and not llm.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        assert llm.engine.blocks.all_free()
+        with pytest.raises(ValueError, match="max_model_len"):
+            async for _ in llm.generate({"prompt_token_ids": [5] * 250}, SamplingParams(max_tokens=20)):
+                pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        llm.shutdown()

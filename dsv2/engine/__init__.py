@@ -1,7 +1,8 @@
 """The inference engine: paged latent KV cache, continuous batching, vLLM-like surface."""
 
+from .async_llm import AsyncLLM
 from .engine import CompletionOutput, EngineConfig, LLMEngine, RequestOutput
 from .llm import LLM
 from .params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "AsyncLLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]

@@ -1,0 +1,117 @@
+"""AsyncLLM: the engine behind asyncio, streaming each request's outputs as they are produced.
+
+The engine runs in its own thread (a model step blocks), fed through a command queue, so it is
+only ever touched by that thread; outputs are handed to each request's asyncio queue. A consumer
+that stops listening (a client that disconnects, a cancelled task) aborts its request and its
+pages are freed on the engine thread's next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from .engine import RequestOutput
+from .llm import LLM
+from .params import SamplingParams
+
+
+class AsyncLLM:
+    def __init__(self, model: str | Path, **llm_kwargs):
+        self._llm = LLM(model, **llm_kwargs)
+        self.engine = self._llm.engine
+        self.tokenizer = self._llm.tokenizer
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dsv2-engine", daemon=True)
+        self._thread.start()
+
+    # --- the engine thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            busy = self.engine.has_unfinished_requests()
+            try:
+                cmd = self._commands.get(block=not busy, timeout=None if busy else 0.05)
+                self._apply(cmd)
+                while True:  # everything else already queued, before the next step
+                    self._apply(self._commands.get_nowait())
+            except queue.Empty:
+                pass
+            if self.engine.has_unfinished_requests():
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # noqa: BLE001 -- every waiting request must hear of it
+                    for rid in list(self.engine.requests):
+                        self.engine.abort_request(rid)
+                        self._deliver(rid, e)
+                    continue
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+
+    def _apply(self, cmd: tuple) -> None:
+        kind, rid, *args = cmd
+        if kind == "add":
+            try:
+                self.engine.add_request(rid, *args)
+            except ValueError as e:
+                self._deliver(rid, e)
+        elif kind == "abort":
+            self.engine.abort_request(rid)
+
+    def _deliver(self, rid: str, item) -> None:
+        stream = self._streams.get(rid)
+        if stream is not None:
+            loop, q = stream
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    # --- the asyncio side -----------------------------------------------------------------------
+    def encode(self, prompt: str | dict) -> tuple[list[int], str | None]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_token_id is not None), prompt
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"]), prompt.get("prompt")
+        raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
+
+    async def generate(self, prompt: str | dict, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's RequestOutput after every step that advanced it; the last one has
+        finished=True. Leaving the loop early aborts the request."""
+        if self._closed.is_set():
+            raise RuntimeError("the engine is shut down")
+        ids, text = self.encode(prompt)
+        rid = request_id or f"req-{next(self._ids)}"
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (asyncio.get_running_loop(), q)
+        self._commands.put(("add", rid, ids, params or SamplingParams(), text))
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self._commands.put(("abort", rid))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        """A snapshot for metrics (read without locking: counters only)."""
+        blocks = self.engine.blocks
+        return {"running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
+                "cache_usage": blocks.usage, "num_preemptions": self.engine.scheduler.num_preemptions}
+
+    def shutdown(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=10)
