@@ -25,34 +25,167 @@ import torch
 from ..config import ModelConfig
 
 
+# --- quantized latents ----------------------------------------------------------------------------
+# The paper serves DeepSeek-V2 with the KV cache "quantized to about 6 bits per element on average".
+# Two layouts here, per token per layer, for the 576-wide row of V2 (512 latent + 64 rope):
+#
+#   "fp8":  c_kv as float8_e4m3fn with one fp32 scale (amax / 448); k_rope kept in bf16, because
+#           its 64 numbers carry the position (RoPE) and cost little.
+#           512 x 8 + 32 + 64 x 16 = 5,152 bits = 644 bytes: 8.94 bits per element.
+#   "6bit": c_kv as signed 6-bit integers in [-31, 31], groups of 64 with one bf16 scale each
+#           (amax / 31), packed 4 values in 3 bytes; k_rope as float8_e4m3fn with one bf16 scale.
+#           512 x 6 + 8 x 16 + 64 x 8 + 16 = 3,728 bits = 466 bytes: 6.47 bits per element.
+#
+# Scales are rounded to their storage dtype before quantizing, so dequantization uses exactly the
+# scale the values were divided by. Quantization is symmetric: zero stays exactly zero.
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT6_MAX = 31  # symmetric signed 6-bit range [-31, 31]; stored biased by 32 in [1, 63]
+INT6_GROUP = 64
+QUANTIZED = ("fp8", "6bit")
+_TINY = 1e-30  # scale floor: an all-zero row or group divides by this, not by 0
+
+
+def int6_group(kv_lora_rank: int) -> int:
+    """Group size for 6-bit c_kv: 64, or the largest divisor of kv_lora_rank below it."""
+    return math.gcd(INT6_GROUP, kv_lora_rank)
+
+
+def latent_fields(kv_lora_rank: int, rope_dim: int, kv_dtype: torch.dtype | str
+                  ) -> dict[str, tuple[int, torch.dtype]]:
+    """What one token stores per layer: field -> (numbers, dtype). A torch dtype is the plain,
+    unquantized row (latent then rope in one tensor)."""
+    r, dr = kv_lora_rank, rope_dim
+    if isinstance(kv_dtype, torch.dtype):
+        return {"kv": (r + dr, kv_dtype)}
+    if kv_dtype == "fp8":
+        return {"c_kv": (r, torch.float8_e4m3fn), "c_kv_scale": (1, torch.float32), "k_rope": (dr, torch.bfloat16)}
+    if kv_dtype == "6bit":
+        if r % 4:
+            raise ValueError(f"6-bit packing needs kv_lora_rank divisible by 4, got {r}")
+        return {"c_kv": (r * 3 // 4, torch.uint8), "c_kv_scale": (r // int6_group(r), torch.bfloat16),
+                "k_rope": (dr, torch.float8_e4m3fn), "k_rope_scale": (1, torch.bfloat16)}
+    raise ValueError(f"kv cache dtype {kv_dtype!r}: expected a torch dtype or one of {', '.join(QUANTIZED)}")
+
+
+def latent_row_bytes(kv_lora_rank: int, rope_dim: int, kv_dtype: torch.dtype | str) -> int:
+    """Bytes one token costs per layer, scales included."""
+    return sum(n * dt.itemsize for n, dt in latent_fields(kv_lora_rank, rope_dim, kv_dtype).values())
+
+
+def quantize_fp8(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., n] -> (float8_e4m3fn [..., n], scale [..., 1]) with one scale per row: amax / 448."""
+    x = x.float()
+    scale = (x.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=_TINY).to(scale_dtype)
+    # clamp before the cast: float8_e4m3fn has no inf and turns overflow into NaN
+    q = (x / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float()).to(dtype)
+
+
+def pack_int6(q: torch.Tensor) -> torch.Tensor:
+    """Integers in [-32, 31], [..., n] with n % 4 == 0 -> uint8 [..., 3n/4]: 4 values per 3 bytes."""
+    u = (q.to(torch.int32) + 32).unflatten(-1, (-1, 4))
+    w = u[..., 0] | (u[..., 1] << 6) | (u[..., 2] << 12) | (u[..., 3] << 18)  # 24 bits
+    return torch.stack([w & 255, (w >> 8) & 255, w >> 16], dim=-1).flatten(-2).to(torch.uint8)
+
+
+def unpack_int6(b: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int6 -> int32 [..., 4m/3]."""
+    b = b.to(torch.int32).unflatten(-1, (-1, 3))
+    w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+    return torch.stack([(w >> s) & 63 for s in (0, 6, 12, 18)], dim=-1).flatten(-2) - 32
+
+
+def quantize_int6(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., n] -> (packed uint8 [..., 3n/4], bf16 scale [..., n / group]); one scale per group
+    of `group` consecutive numbers: amax / 31, so the rounding error is at most half a step."""
+    g = x.float().unflatten(-1, (-1, group))
+    scale = (g.abs().amax(-1, keepdim=True) / INT6_MAX).clamp(min=_TINY).bfloat16()
+    q = torch.round(g / scale.float()).clamp(-INT6_MAX, INT6_MAX).flatten(-2)
+    return pack_int6(q), scale.squeeze(-1)
+
+
+def dequantize_int6(packed: torch.Tensor, scale: torch.Tensor, group: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    q = unpack_int6(packed).float().unflatten(-1, (-1, group))
+    return (q * scale.float()[..., None]).flatten(-2).to(dtype)
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """float8 tensors as bytes: CPU index_copy_ has no float8 kernel, and a copy is a copy."""
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn,) else t
+
+
 class PagedLatentCache:
-    """kv [layers, blocks, block_size, kv_lora_rank + qk_rope_head_dim]: per token one contiguous row,
-    latent then rope, so a decode kernel reads one 576-wide row per key."""
+    """Per token per layer one latent row, c_kv then k_rope, stored by `kv_dtype`:
+
+    - a torch dtype: kv [layers, blocks, block_size, kv_lora_rank + qk_rope_head_dim], one
+      contiguous row so a decode kernel reads one 576-wide row per key;
+    - "fp8" or "6bit": the quantized fields of `latent_fields` (see the layouts above), each
+      [layers, blocks, block_size, n] in `store`. `write` quantizes, `gather` dequantizes to the
+      dtype of the latest write (the model's compute dtype), so the rest of the engine is unchanged.
+    """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 64, device=None,
-                 dtype: torch.dtype = torch.bfloat16):
+                 dtype: torch.dtype | str = torch.bfloat16):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv_lora_rank = config.kv_lora_rank
         self.rope_dim = config.qk_rope_head_dim
         self.width = self.kv_lora_rank + self.rope_dim
+        self.kv_dtype = dtype
+        self.quantized = not isinstance(dtype, torch.dtype)
+        fields = latent_fields(self.kv_lora_rank, self.rope_dim, dtype)
         # zeros, not empty: a block's unwritten slots are read (then masked) by gather and kernels,
         # and uninitialised memory may hold NaNs that survive a multiplicative mask
-        self.kv = torch.zeros(config.num_hidden_layers, num_blocks, block_size, self.width,
-                              device=device, dtype=dtype)
+        self.store = {name: torch.zeros(config.num_hidden_layers, num_blocks, block_size, n, device=device, dtype=dt)
+                      for name, (n, dt) in fields.items()}
+        self.kv = self.store.get("kv")  # the plain layout; None when quantized
+        self.compute_dtype = torch.float32 if self.quantized else dtype
+        self.group = int6_group(self.kv_lora_rank)
 
     def c_kv(self, layer: int) -> torch.Tensor:
-        """[blocks, block_size, kv_lora_rank], a view."""
-        return self.kv[layer, ..., : self.kv_lora_rank]
+        """[blocks, block_size, kv_lora_rank], a view (plain layout only)."""
+        return self._plain()[layer, ..., : self.kv_lora_rank]
 
     def k_rope(self, layer: int) -> torch.Tensor:
-        """[blocks, block_size, qk_rope_head_dim], a view."""
-        return self.kv[layer, ..., self.kv_lora_rank:]
+        """[blocks, block_size, qk_rope_head_dim], a view (plain layout only)."""
+        return self._plain()[layer, ..., self.kv_lora_rank:]
+
+    def _plain(self) -> torch.Tensor:
+        if self.kv is None:
+            raise TypeError(f"a {self.kv_dtype} cache has no plain view; gather dequantizes")
+        return self.kv
+
+    def quantize(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> dict[str, torch.Tensor]:
+        """c_kv [n, r], k_rope [n, dr] -> the stored fields, each [n, numbers]."""
+        if self.kv_dtype == "fp8":
+            q, s = quantize_fp8(c_kv)
+            return {"c_kv": q, "c_kv_scale": s, "k_rope": k_rope.bfloat16()}
+        q, s = quantize_int6(c_kv, self.group)
+        qr, sr = quantize_fp8(k_rope, torch.bfloat16)
+        return {"c_kv": q, "c_kv_scale": s, "k_rope": qr, "k_rope_scale": sr}
+
+    def dequantize(self, f: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv_dtype == "fp8":
+            return dequantize_fp8(f["c_kv"], f["c_kv_scale"], dtype), f["k_rope"].to(dtype)
+        return (dequantize_int6(f["c_kv"], f["c_kv_scale"], self.group, dtype),
+                dequantize_fp8(f["k_rope"], f["k_rope_scale"], dtype))
 
     def write(self, layer: int, slots: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Store token i's latent and rope key in slot slots[i] (block_id * block_size + offset)."""
-        rows = self.kv[layer].view(-1, self.width)  # [blocks * block_size, width]
-        rows.index_copy_(0, slots, torch.cat([c_kv, k_rope], dim=-1).to(rows.dtype))
+        if not self.quantized:
+            rows = self.kv[layer].view(-1, self.width)  # [blocks * block_size, width]
+            rows.index_copy_(0, slots, torch.cat([c_kv, k_rope], dim=-1).to(rows.dtype))
+            return
+        self.compute_dtype = c_kv.dtype
+        for name, value in self.quantize(c_kv, k_rope).items():
+            rows = self.store[name][layer].view(-1, value.shape[-1])
+            _raw(rows).index_copy_(0, slots, _raw(value.to(rows.dtype)))
 
     def gather(self, layer: int, block_table: torch.Tensor, lengths: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,19 +194,28 @@ class PagedLatentCache:
         Positions at or past a row's length must still be masked by the caller; they are zeroed here
         so a block's previous owner never shows through."""
         b, m = block_table.shape
-        kv = self.kv[layer][block_table.clamp(min=0)].reshape(b, m * self.block_size, self.width)
-        past = torch.arange(m * self.block_size, device=kv.device)[None, :] >= lengths[:, None]
-        kv = kv.masked_fill(past[..., None], 0)
-        return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank:]
+        t = m * self.block_size
+        idx = block_table.clamp(min=0)
+        past = torch.arange(t, device=block_table.device)[None, :] >= lengths[:, None]
+        if not self.quantized:
+            kv = self.kv[layer][idx].reshape(b, t, self.width).masked_fill(past[..., None], 0)
+            return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank:]
+        fields = {name: x[layer][idx].reshape(b, t, -1) for name, x in self.store.items()}
+        c_kv, k_rope = self.dequantize(fields, self.compute_dtype)
+        return c_kv.masked_fill(past[..., None], 0), k_rope.masked_fill(past[..., None], 0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.store.values())
 
     @staticmethod
-    def bytes_per_block(config: ModelConfig, block_size: int = 64, dtype: torch.dtype = torch.bfloat16) -> int:
-        width = config.kv_lora_rank + config.qk_rope_head_dim
-        return config.num_hidden_layers * block_size * width * dtype.itemsize
+    def bytes_per_block(config: ModelConfig, block_size: int = 64, dtype: torch.dtype | str = torch.bfloat16) -> int:
+        row = latent_row_bytes(config.kv_lora_rank, config.qk_rope_head_dim, dtype)
+        return config.num_hidden_layers * block_size * row
 
     @staticmethod
     def num_blocks_for(config: ModelConfig, free_bytes: int, block_size: int = 64,
-                       dtype: torch.dtype = torch.bfloat16) -> int:
+                       dtype: torch.dtype | str = torch.bfloat16) -> int:
         return int(free_bytes) // PagedLatentCache.bytes_per_block(config, block_size, dtype)
 
 

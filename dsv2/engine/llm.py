@@ -20,7 +20,9 @@ from ..tokenizer import Tokenizer
 from .engine import EngineConfig, LLMEngine, RequestOutput
 from .params import SamplingParams
 
-_KV_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# "auto" follows the model's dtype; "fp8" and "6bit" quantize the latent cache (engine/cache.py)
+_KV_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+              "fp8": "fp8", "6bit": "6bit"}
 
 
 class LLM:

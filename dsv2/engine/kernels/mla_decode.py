@@ -1,0 +1,132 @@
+"""MLA decode attention straight over the paged latent cache (absorbed form).
+
+For each sequence b and head h, with the query already folded with W^UK:
+    score_t = (q_latent[b,h] . c_kv_t + q_rope[b,h] . k_rope_t) * scale     over the sequence's tokens t
+    o_latent[b,h] = sum_t softmax(score)_t c_kv_t                            (values are the latent itself)
+Keys are 576 wide (512 latent + 64 rope), values 512; all heads read the same cached rows, so one
+page load serves every head of the sequence. Long contexts are split across programs
+(flash-decoding): each split keeps a running max, sum and accumulator, and a second small kernel
+merges the splits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs run the reference
+    triton = None
+
+
+def mla_decode_reference(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank):
+    """Plain PyTorch, fp32: q_latent [B, H, r], q_rope [B, H, dr], kv [num_blocks, block_size, r + dr],
+    block_tables [B, max_blocks], context_lens [B] -> o_latent [B, H, r]."""
+    b, h, r = q_latent.shape
+    out = torch.empty(b, h, r, dtype=torch.float32, device=q_latent.device)
+    block_size = kv.shape[1]
+    for i in range(b):
+        n = int(context_lens[i])
+        pages = block_tables[i, : (n + block_size - 1) // block_size].long()
+        rows = kv[pages].reshape(-1, kv.shape[-1])[:n].float()  # [n, r + dr]
+        scores = (q_latent[i].float() @ rows[:, :r].T + q_rope[i].float() @ rows[:, r:].T) * scale
+        out[i] = scores.softmax(-1) @ rows[:, :r]
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(
+        q_lat_ptr, q_rope_ptr, kv_ptr, tables_ptr, lens_ptr, part_o_ptr, part_ml_ptr,
+        scale, stride_table, max_blocks_per_split, n_heads,
+        R: tl.constexpr, DR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+        N_SPLITS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        hb = tl.program_id(1)
+        split = tl.program_id(2)
+        heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = heads < n_heads
+        offs_r = tl.arange(0, R)
+        offs_dr = tl.arange(0, DR)
+        offs_t = tl.arange(0, BLOCK_SIZE)
+        q_lat = tl.load(q_lat_ptr + (b * n_heads + heads)[:, None] * R + offs_r[None, :],
+                        mask=hmask[:, None], other=0.0)
+        q_rope = tl.load(q_rope_ptr + (b * n_heads + heads)[:, None] * DR + offs_dr[None, :],
+                         mask=hmask[:, None], other=0.0)
+        length = tl.load(lens_ptr + b)
+        first = split * max_blocks_per_split
+        last = tl.minimum(first + max_blocks_per_split, tl.cdiv(length, BLOCK_SIZE))
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, R], tl.float32)
+        for blk in range(first, last):
+            page = tl.load(tables_ptr + b * stride_table + blk).to(tl.int64)
+            tok = blk * BLOCK_SIZE + offs_t
+            tmask = tok < length
+            row = kv_ptr + (page * BLOCK_SIZE + offs_t)[:, None] * (R + DR)
+            c = tl.load(row + offs_r[None, :], mask=tmask[:, None], other=0.0)  # [T, R]
+            kr = tl.load(row + R + offs_dr[None, :], mask=tmask[:, None], other=0.0)  # [T, DR]
+            s = tl.dot(q_lat, tl.trans(c)) + tl.dot(q_rope, tl.trans(kr))
+            s = s * scale
+            s = tl.where(tmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+            m_i = m_new
+        base = (b * n_heads + heads) * N_SPLITS + split
+        tl.store(part_o_ptr + base[:, None] * R + offs_r[None, :], acc, mask=hmask[:, None])
+        tl.store(part_ml_ptr + base * 2, m_i, mask=hmask)
+        tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=hmask)
+
+    @triton.jit
+    def _merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, R: tl.constexpr, N_SPLITS: tl.constexpr):
+        bh = tl.program_id(0)
+        offs_r = tl.arange(0, R)
+        splits = tl.arange(0, N_SPLITS)
+        m = tl.load(part_ml_ptr + (bh * N_SPLITS + splits) * 2)
+        l = tl.load(part_ml_ptr + (bh * N_SPLITS + splits) * 2 + 1)
+        m_max = tl.max(m, 0)
+        w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)  # empty splits weigh nothing
+        o = tl.load(part_o_ptr + (bh * N_SPLITS + splits)[:, None] * R + offs_r[None, :])
+        total = tl.sum(w * l, 0)
+        res = tl.sum(o * w[:, None], 0) / total
+        tl.store(out_ptr + bh * R + offs_r, res)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def mla_decode(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank, num_splits=None):
+    """Triton on CUDA, the reference elsewhere. Same arguments as `mla_decode_reference`; returns
+    o_latent [B, H, r] in fp32."""
+    if triton is None or not q_latent.is_cuda:
+        return mla_decode_reference(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank)
+    b, h, r = q_latent.shape
+    dr = q_rope.shape[-1]
+    block_size = kv.shape[1]
+    max_blocks = block_tables.shape[1]
+    if num_splits is None:  # enough programs to fill the GPU when the batch is small
+        sms = _sm_count(q_latent.device.index or 0)
+        num_splits = max(1, min(triton.next_power_of_2(max(1, 2 * sms // max(1, b))), 64,
+                                triton.next_power_of_2(max_blocks)))
+    per_split = triton.cdiv(max_blocks, num_splits)
+    block_h = 16
+    part_o = torch.empty(b, h, num_splits, r, dtype=torch.float32, device=q_latent.device)
+    part_ml = torch.empty(b, h, num_splits, 2, dtype=torch.float32, device=q_latent.device)
+    grid = (b, triton.cdiv(h, block_h), num_splits)
+    _split_kernel[grid](
+        q_latent.contiguous(), q_rope.contiguous(), kv, block_tables, context_lens, part_o, part_ml,
+        scale, block_tables.stride(0), per_split, h,
+        R=r, DR=dr, BLOCK_SIZE=block_size, BLOCK_H=block_h, N_SPLITS=num_splits, num_warps=8, num_stages=2)
+    out = torch.empty(b, h, r, dtype=torch.float32, device=q_latent.device)
+    _merge_kernel[(b * h,)](part_o, part_ml, out, R=r, N_SPLITS=num_splits)
+    return out
