@@ -65,6 +65,9 @@ def test_sizes_v2_lite():
     assert PagedLatentCache.num_blocks_for(config, 10 * 1_990_656 + 1_990_655) == 10
     assert PagedLatentCache.num_blocks_for(config, 1_990_655) == 0
     assert PagedLatentCache.num_blocks_for(config, 80 * 2**30, 64, torch.float32) == 80 * 2**30 // (2 * 1_990_656)
+    # quantized (tests/test_kv_quant.py): fp8 644 bytes per token per layer, 6bit 466, scales included
+    assert PagedLatentCache.bytes_per_block(config, 64, "fp8") == 27 * 64 * 644
+    assert PagedLatentCache.num_blocks_for(config, 80 * 2**30, 64, "6bit") == 80 * 2**30 // (27 * 64 * 466)
 
 
 # --- BlockManager: allocation -----------------------------------------------------------------------

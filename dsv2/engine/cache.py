@@ -10,6 +10,9 @@ full blocks between sequences with the same prefix (prefix caching). The one inv
 sharing safe: the engine only ever writes KV into a block it holds alone. Shared blocks are full,
 registered blocks that nobody writes again; `allocate` keeps the token it must recompute out of
 them (see there).
+
+The cache may store latents quantized ("fp8", "6bit": the paper serves DeepSeek-V2 with ~6 bits per
+element); the layouts and their bit costs are described above `PagedLatentCache`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from collections.abc import Sequence
 import torch
 
 from ..config import ModelConfig
-
 
 # --- quantized latents ----------------------------------------------------------------------------
 # The paper serves DeepSeek-V2 with the KV cache "quantized to about 6 bits per element on average".
@@ -126,8 +128,9 @@ class PagedLatentCache:
     - a torch dtype: kv [layers, blocks, block_size, kv_lora_rank + qk_rope_head_dim], one
       contiguous row so a decode kernel reads one 576-wide row per key;
     - "fp8" or "6bit": the quantized fields of `latent_fields` (see the layouts above), each
-      [layers, blocks, block_size, n] in `store`. `write` quantizes, `gather` dequantizes to the
-      dtype of the latest write (the model's compute dtype), so the rest of the engine is unchanged.
+      [layers, blocks, block_size, n] in `store`; `write` quantizes, `gather` dequantizes.
+    Either way `gather` returns the dtype of the latest write (the model's compute dtype), so the
+    rest of the engine is unchanged whatever the cache stores.
     """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 64, device=None,
@@ -145,7 +148,7 @@ class PagedLatentCache:
         self.store = {name: torch.zeros(config.num_hidden_layers, num_blocks, block_size, n, device=device, dtype=dt)
                       for name, (n, dt) in fields.items()}
         self.kv = self.store.get("kv")  # the plain layout; None when quantized
-        self.compute_dtype = torch.float32 if self.quantized else dtype
+        self.compute_dtype = torch.float32 if self.quantized else dtype  # until the first write
         self.group = int6_group(self.kv_lora_rank)
 
     def c_kv(self, layer: int) -> torch.Tensor:
@@ -178,11 +181,11 @@ class PagedLatentCache:
 
     def write(self, layer: int, slots: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Store token i's latent and rope key in slot slots[i] (block_id * block_size + offset)."""
+        self.compute_dtype = c_kv.dtype
         if not self.quantized:
             rows = self.kv[layer].view(-1, self.width)  # [blocks * block_size, width]
             rows.index_copy_(0, slots, torch.cat([c_kv, k_rope], dim=-1).to(rows.dtype))
             return
-        self.compute_dtype = c_kv.dtype
         for name, value in self.quantize(c_kv, k_rope).items():
             rows = self.store[name][layer].view(-1, value.shape[-1])
             _raw(rows).index_copy_(0, slots, _raw(value.to(rows.dtype)))
@@ -199,6 +202,7 @@ class PagedLatentCache:
         past = torch.arange(t, device=block_table.device)[None, :] >= lengths[:, None]
         if not self.quantized:
             kv = self.kv[layer][idx].reshape(b, t, self.width).masked_fill(past[..., None], 0)
+            kv = kv.to(self.compute_dtype)  # a bf16 cache under an fp32 model: attend in fp32
             return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank:]
         fields = {name: x[layer][idx].reshape(b, t, -1) for name, x in self.store.items()}
         c_kv, k_rope = self.dequantize(fields, self.compute_dtype)
