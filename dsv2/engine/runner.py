@@ -14,16 +14,19 @@ import torch
 
 from ..model import Transformer
 from .cache import PagedLatentCache
+from .kernels.mla_decode import mla_decode
 from .sequence import Sequence
 
 
 class PagedBatchCache:
     """The model's cache protocol (`begin`, `write`) over a PagedLatentCache for one step."""
 
-    def __init__(self, pages: PagedLatentCache, block_tables: torch.Tensor, context_lens: torch.Tensor):
+    def __init__(self, pages: PagedLatentCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 decode_kernel: bool = False):
         self.pages = pages
         self.block_tables = block_tables  # [B, max_blocks]
         self.context_lens = context_lens  # [B] tokens each row attends to after this step
+        self.decode_kernel = decode_kernel  # the model then calls store + decode_attention
         self._slots: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
 
@@ -37,16 +40,28 @@ class PagedBatchCache:
         mask = mask | (~valid[:, :, None] & (key[None, None, :] == 0))
         return mask[:, None]
 
-    def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def store(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
         self.pages.write(layer, self._slots[self._valid], c_kv[self._valid], k_rope[self._valid])
+
+    def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.store(layer, c_kv, k_rope)
         return self.pages.gather(layer, self.block_tables, self.context_lens)
+
+    def decode_attention(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor, scale: float):
+        """[B, H, r] latent outputs of one decode token per row, by the Triton kernel over the pages."""
+        return mla_decode(q_latent, q_rope, self.pages.kv[layer], self.block_tables, self.context_lens,
+                          scale, self.pages.kv_lora_rank)
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, pages: PagedLatentCache):
+    def __init__(self, model: Transformer, pages: PagedLatentCache, use_kernel: bool = True):
         self.model = model
         self.pages = pages
         self.device = next(model.parameters()).device
+        r, dr = pages.kv_lora_rank, pages.rope_dim
+        # the kernel reads plain (unquantized) 576-wide rows on CUDA; tl.dot wants power-of-two dims >= 16
+        self.use_kernel = (use_kernel and self.device.type == "cuda" and pages.kv is not None
+                           and all(d >= 16 and d & (d - 1) == 0 for d in (r, dr, pages.block_size)))
 
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
@@ -73,8 +88,9 @@ class ModelRunner:
             tables[i, : len(seq.block_table)] = table
             context[i] = start + n
         to = dict(device=self.device)
-        cache = PagedBatchCache(self.pages, tables.to(**to), context.to(**to))
+        decode = width == 1
+        cache = PagedBatchCache(self.pages, tables.to(**to), context.to(**to), decode and self.use_kernel)
         logits = self.model(tokens.to(**to), positions.to(**to), valid.to(**to), cache, slots.to(**to),
-                            absorb=width == 1)
+                            absorb=decode)
         last = torch.tensor([n - 1 for _, n in items], device=self.device)
         return logits[torch.arange(rows, device=self.device), last].float()

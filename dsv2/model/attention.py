@@ -82,6 +82,8 @@ class MLA(nn.Module):
         """x [B, S, d]; mask [B, 1, S, T] bool (True = attend) or None for plain causal over S."""
         q_nope, q_rope = self.query(x, cos, sin)
         c_kv, k_rope = self.latent(x, cos, sin)
+        if absorb and getattr(cache, "decode_kernel", False):
+            return self._paged_decode(q_nope, q_rope, c_kv, k_rope, cache)
         if cache is not None:
             c_kv, k_rope = cache.write(self.layer_idx, c_kv, k_rope)
         attend = self._absorbed if absorb else self._expanded
@@ -100,6 +102,15 @@ class MLA(nn.Module):
             attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
         )
         return o.transpose(1, 2)
+
+    def _paged_decode(self, q_nope, q_rope, c_kv, k_rope, cache):
+        """One decode token per row, attention by the cache's kernel straight over its pages."""
+        cache.store(self.layer_idx, c_kv, k_rope)
+        w_uk, w_uv = self.w_uk_uv()
+        q_latent = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w_uk)
+        o_latent = cache.decode_attention(self.layer_idx, q_latent, q_rope[:, 0], self.softmax_scale)
+        o = torch.einsum("bhr,hvr->bhv", o_latent.to(q_nope.dtype), w_uv)
+        return self.o_proj(o.flatten(-2))[:, None]
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
         # score = (q_nope W^UK) . c_kv + q_rope . k_rope: one 576-wide key shared by every head

@@ -44,7 +44,7 @@ if triton is not None:
         q_lat_ptr, q_rope_ptr, kv_ptr, tables_ptr, lens_ptr, part_o_ptr, part_ml_ptr,
         scale, stride_table, max_blocks_per_split, n_heads,
         R: tl.constexpr, DR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-        N_SPLITS: tl.constexpr,
+        N_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
     ):
         b = tl.program_id(0)
         hb = tl.program_id(1)
@@ -71,14 +71,15 @@ if triton is not None:
             row = kv_ptr + (page * BLOCK_SIZE + offs_t)[:, None] * (R + DR)
             c = tl.load(row + offs_r[None, :], mask=tmask[:, None], other=0.0)  # [T, R]
             kr = tl.load(row + R + offs_dr[None, :], mask=tmask[:, None], other=0.0)  # [T, DR]
-            s = tl.dot(q_lat, tl.trans(c)) + tl.dot(q_rope, tl.trans(kr))
+            s = (tl.dot(q_lat, tl.trans(c), input_precision=PRECISION)
+                 + tl.dot(q_rope, tl.trans(kr), input_precision=PRECISION))
             s = s * scale
             s = tl.where(tmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+            acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision=PRECISION)
             m_i = m_new
         base = (b * n_heads + heads) * N_SPLITS + split
         tl.store(part_o_ptr + base[:, None] * R + offs_r[None, :], acc, mask=hmask[:, None])
@@ -126,7 +127,9 @@ def mla_decode(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_
     _split_kernel[grid](
         q_latent.contiguous(), q_rope.contiguous(), kv, block_tables, context_lens, part_o, part_ml,
         scale, block_tables.stride(0), per_split, h,
-        R=r, DR=dr, BLOCK_SIZE=block_size, BLOCK_H=block_h, N_SPLITS=num_splits, num_warps=8, num_stages=2)
+        R=r, DR=dr, BLOCK_SIZE=block_size, BLOCK_H=block_h, N_SPLITS=num_splits,
+        # fp32 caches get fp32 dots (not tf32): the fp32 path is the one tests hold to tight bounds
+        PRECISION="ieee" if kv.dtype == torch.float32 else None, num_warps=8, num_stages=2)
     out = torch.empty(b, h, r, dtype=torch.float32, device=q_latent.device)
     _merge_kernel[(b * h,)](part_o, part_ml, out, R=r, N_SPLITS=num_splits)
     return out
