@@ -71,20 +71,13 @@ class AsyncLLM:
             loop.call_soon_threadsafe(q.put_nowait, item)
 
     # --- the asyncio side -----------------------------------------------------------------------
-    def encode(self, prompt: str | dict) -> tuple[list[int], str | None]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_token_id is not None), prompt
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"]), prompt.get("prompt")
-        raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
-
     async def generate(self, prompt: str | dict, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's RequestOutput after every step that advanced it; the last one has
         finished=True. Leaving the loop early aborts the request."""
         if self._closed.is_set():
             raise RuntimeError("the engine is shut down")
-        ids, text = self.encode(prompt)
+        ids, text = self._llm.encode(prompt)
         rid = request_id or f"req-{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)

@@ -70,16 +70,19 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         order = []
         for prompt, p in zip(prompts, params):
-            if isinstance(prompt, str):
-                ids, text = self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_token_id is not None), prompt
-            elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-                ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
-            else:
-                raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
+            ids, text = self.encode(prompt)
             rid = str(next(self._ids))
             self.engine.add_request(rid, ids, p, text)
             order.append(rid)
         return self._run(order, use_tqdm)
+
+    def encode(self, prompt: str | dict) -> tuple[list[int], str | None]:
+        """A prompt (a string, or {"prompt_token_ids": [...]}) as token ids and its text."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_token_id is not None), prompt
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"]), prompt.get("prompt")
+        raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
 
     def chat(
         self,
