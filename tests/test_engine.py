@@ -6,9 +6,10 @@ import random
 import pytest
 
 from dsv2.engine import LLM, SamplingParams
+from dsv2.engine.engine import EngineConfig, LLMEngine
 from dsv2.generate import generate
 
-from .conftest import model_with_tokenizer
+from .conftest import model_with_tokenizer, random_model, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,16 @@ def test_async_streams_and_aborts(model_dir):
         asyncio.run(main())
     finally:
         llm.shutdown()
+
+
+def test_engine_without_tokenizer_returns_token_ids():
+    model = random_model(tiny_config(), seed=3)
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=4, num_blocks=64, block_size=8, max_model_len=128))
+    engine.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=6, temperature=0.0))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    want = generate(model, [[1, 2, 3, 4, 5]], max_new_tokens=6)[0]
+    assert outs[-1].outputs[0].token_ids == want and outs[-1].outputs[0].text == ""
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        engine.add_request("b", [1, 2], SamplingParams(max_tokens=2, stop=["x"]))

@@ -56,10 +56,13 @@ class EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, cfg: EngineConfig,
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, cfg: EngineConfig,
                  cache_dtype: torch.dtype | None = None):
+        """tokenizer None: token ids in and out only (no text, no stop strings, no EOS), as for
+        benchmarks over random weights."""
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
         self.cfg = cfg
         mc = model.config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -98,6 +101,8 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer; this engine has none")
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds max_model_len ({self.max_model_len})")
@@ -107,7 +112,7 @@ class LLMEngine:
             seed = None if params.seed is None else params.seed + i
             seq = Sequence(next(self._ids), request_id, i, list(prompt_token_ids), params, arrival,
                            generator=None if seed is None else make_generator(seed, self.runner.device),
-                           detokenizer=Detokenizer(self.tokenizer, params))
+                           detokenizer=None if self.tokenizer is None else Detokenizer(self.tokenizer, params))
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
@@ -141,7 +146,7 @@ class LLMEngine:
         if sampling_rows:
             seqs = [batch.items[i][0] for i in sampling_rows]
             out = self.sampler(logits[sampling_rows], [
-                RowState(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, self.tokenizer.eos_token_id)
+                RowState(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, self.eos_token_id)
                 for s in seqs])
             for j, seq in enumerate(seqs):
                 token = int(out.token_ids[j])
@@ -149,13 +154,13 @@ class LLMEngine:
                 if seq.params.logprobs is not None:
                     seq.logprobs.append(out.top_logprobs[j] if out.top_logprobs else None)
                 seq.cumulative_logprob += float(out.logprobs[j])
-                new_text, stop_str = seq.detokenizer.push(token)
+                new_text, stop_str = seq.detokenizer.push(token) if seq.detokenizer else ("", None)
                 reason = "stop" if stop_str is not None else check_stop(
-                    seq.params, token, len(seq.output_token_ids), self.tokenizer.eos_token_id)
+                    seq.params, token, len(seq.output_token_ids), self.eos_token_id)
                 if reason is None and seq.num_tokens >= self.max_model_len:
                     reason = "length"
                 if reason is not None:
-                    if stop_str is None:
+                    if stop_str is None and seq.detokenizer:
                         new_text += seq.detokenizer.flush()
                         stop_str = seq.detokenizer.stopped_by  # a stop string completed at the flush
                         reason = "stop" if stop_str is not None else reason
