@@ -4,6 +4,9 @@ Field names are the checkpoint's, so a config.json reads in and writes out uncha
 come in two spellings: the released `rope_theta` + `rope_scaling: {type: yarn, ...}` and the
 `rope_parameters: {rope_type, rope_theta, ...}` that transformers 5.x writes; both read into
 `rope_theta` + `RopeScaling`, and `to_hf` writes the released spelling, which both readers accept.
+
+`attention_type: "mha"` is the paper's dense baseline, DeepSeek LLM (LLaMA's architecture): its
+config.json is LLaMA's (`model_type: llama`), read and written in that spelling.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class ConfigError(ValueError):
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 ROPE_TYPES = ("yarn",)
+ATTENTION_TYPES = ("mla", "mha")
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,16 @@ class RopeScaling:
     type: str = "yarn"
 
 
-# Fields every DeepSeek-V2 config must state: there is no sensible default for a model's shape.
-REQUIRED = (
+# Fields every config must state: there is no sensible default for a model's shape.
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# ... and MLA's own widths, which MHA derives from the heads
+MLA_REQUIRED = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+# What LLaMA's config.json holds: an MHA config writes these and nothing MLA or MoE
+LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "num_key_value_heads", "hidden_act", "rms_norm_eps", "rope_theta", "max_position_embeddings",
+    "attention_bias", "attention_dropout", "tie_word_embeddings", "initializer_range", "bos_token_id",
+    "eos_token_id", "pad_token_id", "torch_dtype", "use_cache", "pretraining_tp",
 )
 
 
@@ -51,10 +61,15 @@ class ModelConfig:
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    # "mla", or "mha" (DeepSeek LLM's dense LLaMA attention). MHA in MLA's terms, so RoPE, the
+    # softmax scale and the caches need no second code path: the whole head rotates
+    # (qk_rope_head_dim = v_head_dim = hidden_size / heads, derived, qk_nope_head_dim = 0) and
+    # there is no latent (kv_lora_rank and q_lora_rank null)
+    attention_type: str = "mla"
     num_key_value_heads: int | None = None
     q_lora_rank: int | None = None
     # DeepSeekMoE; n_routed_experts None makes every FFN dense
@@ -98,6 +113,11 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = _read_rope_scaling(self.rope_scaling)
+        mha_shape = _positive_int(self.hidden_size) and _positive_int(self.num_attention_heads)
+        if self.attention_type == "mha" and mha_shape:
+            # always re-derived, so that replace(hidden_size=...) cannot leave stale head widths
+            head_dim = self.hidden_size // self.num_attention_heads
+            self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = 0, head_dim, head_dim
         self.validate()
 
     # --- derived sizes -------------------------------------------------------------------------
@@ -115,6 +135,14 @@ class ModelConfig:
             scale *= m * m
         return scale
 
+    def cache_widths(self) -> tuple[int, int]:
+        """The two parts of a token's cache row per layer: MLA's (c_kv, k_rope), (d_c, d_h^R) = (512, 64)
+        for the released models, or MHA's (k, v) of every head, (n_h d_h, n_h d_h)."""
+        if self.attention_type == "mha":
+            width = self.num_attention_heads * self.qk_rope_head_dim
+            return width, width
+        return self.kv_lora_rank, self.qk_rope_head_dim
+
     def is_moe_layer(self, layer: int) -> bool:
         return (
             self.n_routed_experts is not None
@@ -128,13 +156,24 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"config field {name!r} = {getattr(self, name, None)!r}: {why}")
 
-        for name in REQUIRED + ("num_key_value_heads", "moe_intermediate_size", "max_position_embeddings"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, "must be a positive integer")
+        need(self.attention_type in ATTENTION_TYPES, "attention_type", f"expected one of {ATTENTION_TYPES}")
+        mha = self.attention_type == "mha"
+        shape = REQUIRED + (() if mha else MLA_REQUIRED)
+        for name in shape + ("num_key_value_heads", "moe_intermediate_size", "max_position_embeddings"):
+            need(_positive_int(getattr(self, name)), name, "must be a positive integer")
         need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
              f"must divide hidden_size ({self.hidden_size})")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
              f"must divide num_attention_heads ({self.num_attention_heads})")
+        if mha:
+            need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
+                 f"must equal num_attention_heads ({self.num_attention_heads}) for attention_type 'mha': "
+                 "every head caches its own K and V (grouped-query attention is not supported)")
+            for name in ("kv_lora_rank", "q_lora_rank", "n_routed_experts"):
+                need(getattr(self, name) is None, name, "must be null for attention_type 'mha' "
+                     "(LLaMA's dense architecture: no latents, no experts)")
+            need(self.rope_scaling is None, "rope_scaling", "must be null for attention_type 'mha' "
+                 "(YaRN is implemented as DeepSeek-V2 applies it to MLA)")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rope rotates pairs)")
         need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
              "q_lora_rank", "must be null or a positive integer")
@@ -200,15 +239,15 @@ class ModelConfig:
     @classmethod
     def _from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
-        d.pop("model_type", None)
+        if d.pop("model_type", None) == "llama":  # DeepSeek LLM 7B/67B
+            d.setdefault("attention_type", "mha")
         d.pop("architectures", None)
         d.pop("transformers_version", None)
         if "dtype" in d and "torch_dtype" not in d:  # transformers 5 renamed it
             d["torch_dtype"] = d.pop("dtype")
         d.pop("dtype", None)
         # transformers 5 writes these as derived values; they are properties here
-        for derived in ("qk_head_dim", "head_dim", "num_experts"):
-            d.pop(derived, None)
+        derived = {k: d.pop(k) for k in ("qk_head_dim", "head_dim", "num_experts") if k in d}
         params = d.pop("rope_parameters", None)
         if params is not None:
             if not isinstance(params, dict):
@@ -225,7 +264,8 @@ class ModelConfig:
         if isinstance(rs, dict):
             d["rope_scaling"] = _read_rope_scaling(rs)
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = [k for k in REQUIRED if d.get(k) is None]
+        required = REQUIRED + (MLA_REQUIRED if d.get("attention_type", "mla") == "mla" else ())
+        missing = [k for k in required if d.get(k) is None]
         if missing:
             raise ConfigError(f"config is missing required field(s): {', '.join(missing)}")
         extra = dict(d.pop("extra", {}) or {})
@@ -234,14 +274,25 @@ class ModelConfig:
             if isinstance(d.get(key), list):  # transformers allows lists; keep the first, carry all
                 extra[f"{key}_list"] = d[key]
                 d[key] = d[key][0]
-        return cls(**d, extra=extra)
+        if extra.get("mlp_bias"):
+            raise ConfigError("config field 'mlp_bias' = True: MLP biases are not supported")
+        config = cls(**d, extra=extra)
+        head_dim = derived.get("head_dim")
+        if config.attention_type == "mha" and head_dim is not None and head_dim != config.qk_rope_head_dim:
+            raise ConfigError(f"config field 'head_dim' = {head_dim!r}: attention_type 'mha' needs "
+                              f"hidden_size / num_attention_heads ({config.qk_rope_head_dim})")
+        return config
 
     def to_hf(self) -> dict:
-        d: dict[str, Any] = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2"}
-        for f in dataclasses.fields(self):
-            if f.name in ("extra", "rope_scaling"):
-                continue
-            d[f.name] = getattr(self, f.name)
+        if self.attention_type == "mha":  # LLaMA's config.json: transformers loads it as LlamaForCausalLM
+            d: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+            names = LLAMA_FIELDS
+        else:
+            d = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2"}
+            names = tuple(f.name for f in dataclasses.fields(self)
+                          if f.name not in ("extra", "rope_scaling", "attention_type"))
+        for name in names:
+            d[name] = getattr(self, name)
         d["rope_scaling"] = None if self.rope_scaling is None else dataclasses.asdict(self.rope_scaling)
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if f"{key}_list" in self.extra:
@@ -277,6 +328,10 @@ def _read_rope_scaling(d: dict) -> RopeScaling:
     # transformers 5 fills unset beta/mscale keys with null; null means the YaRN default
     d = {k: v for k, v in d.items() if v is not None}
     return RopeScaling(type=kind, **d)
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -336,6 +391,19 @@ _LITE_1B = dict(  # ~1B total with V2-Lite's widths and head dims: fewer layers 
     moe_intermediate_size=704, intermediate_size=5632, max_position_embeddings=4096, rope_scaling=None,
     bos_token_id=0, eos_token_id=1,
 )
+# DeepSeek LLM 7B: dense MHA in LLaMA's architecture, the shape of the paper's dense baselines, so
+# the engine can compare MLA's and MHA's generation throughput on one code path
+_LLM_7B = dict(
+    attention_type="mha", vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
+    num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0,
+    rope_scaling=None, max_position_embeddings=4096, attention_bias=False, tie_word_embeddings=False,
+    bos_token_id=100000, eos_token_id=100001, initializer_range=0.02, torch_dtype="bfloat16",
+)
+_TINY_MHA = dict(  # dsv2-tiny's width and depth with dense MHA, for tests
+    _LLM_7B, vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, bos_token_id=0,
+    eos_token_id=1, initializer_range=0.006, torch_dtype="float32",
+)
 PRESETS: dict[str, dict] = {
     "deepseek-v2": _V2,
     "deepseek-v2-lite": _LITE,
@@ -343,6 +411,8 @@ PRESETS: dict[str, dict] = {
     "dsv2-small": _SMALL,
     "dsv2-1b-moe": _MOE_1B,
     "dsv2-1b-lite": _LITE_1B,
+    "deepseek-llm-7b": _LLM_7B,
+    "dsv2-tiny-mha": _TINY_MHA,
 }
 
 

@@ -36,30 +36,36 @@ DEEPSEEK_67B_KV_ELEMENTS = 2 * 8 * 128 * 95  # 194,560
 
 
 def kv_cache_per_token(config: ModelConfig) -> dict[str, dict]:
-    """Elements and bytes one token costs in the cache, MLA against the MHA/GQA/MQA equivalents.
+    """Elements and bytes one token costs in the cache: the model's own attention (MLA or MHA)
+    beside the MHA/GQA/MQA equivalents of its heads.
 
     MLA caches c_kv and k_rope, (d_c + d_h^R) per layer; the others follow the paper's table:
-    MHA 2 n_h d_h l, GQA 2 n_g d_h l (8 groups shown), MQA 2 d_h l, with d_h = qk_nope_head_dim.
-    bytes_bf16/bytes_fp8 count elements only; MLA's `cache_bytes` is what the engine stores for each
-    kv_cache_dtype, scales included (engine/cache.py), with the resulting bits per element.
+    MHA 2 n_h d_h l, GQA 2 n_g d_h l (8 groups shown), MQA 2 d_h l, with d_h = qk_nope_head_dim
+    for MLA and an MHA model's own head dim. bytes_bf16/bytes_fp8 count elements only; the model's own
+    `cache_bytes` is what the engine stores for each kv_cache_dtype it supports, scales included
+    (engine/cache.py), with the resulting bits per element.
     """
-    from .engine.cache import latent_row_bytes
+    from .engine.cache import cache_row_bytes
 
-    layers, d_h, n_h = config.num_hidden_layers, config.qk_nope_head_dim, config.num_attention_heads
+    mla = config.attention_type == "mla"
+    layers, n_h = config.num_hidden_layers, config.num_attention_heads
+    d_h = config.qk_nope_head_dim if mla else config.qk_rope_head_dim
     elements = {
-        "mla": (config.kv_lora_rank + config.qk_rope_head_dim) * layers,
         "mha": 2 * n_h * d_h * layers,
         "gqa_8_groups": 2 * min(8, n_h) * d_h * layers,
         "mqa": 2 * d_h * layers,
     }
+    if mla:  # an MHA model's own cache is the "mha" row
+        elements = {"mla": sum(config.cache_widths()) * layers, **elements}
     out = {
         kind: {"elements": n, **{f"bytes_{dt}": n * b for dt, b in BYTES.items()}}
         for kind, n in elements.items()
     }
-    cache_bytes = {name: layers * latent_row_bytes(config.kv_lora_rank, config.qk_rope_head_dim, dt)
-                   for name, dt in (("bfloat16", torch.bfloat16), ("fp8", "fp8"), ("6bit", "6bit"))}
-    out["mla"]["cache_bytes"] = cache_bytes
-    out["mla"]["cache_bits_per_element"] = {k: round(8 * b / elements["mla"], 3) for k, b in cache_bytes.items()}
+    own = config.attention_type
+    dtypes = {"bfloat16": torch.bfloat16, **({"fp8": "fp8", "6bit": "6bit"} if mla else {})}
+    cache_bytes = {name: layers * cache_row_bytes(config, dt) for name, dt in dtypes.items()}
+    out[own]["cache_bytes"] = cache_bytes
+    out[own]["cache_bits_per_element"] = {k: round(8 * b / elements[own], 3) for k, b in cache_bytes.items()}
     return out
 
 
@@ -80,15 +86,21 @@ def kv_cache_vs_deepseek_67b(config: ModelConfig) -> dict[str, float]:
 def model_info(config: ModelConfig) -> dict:
     params = count_params(config)
     kv = kv_cache_per_token(config)
+    mla_only = {}
+    if config.attention_type == "mla":
+        mla_only = {
+            "mla_vs_mha_cache_ratio": round(kv["mla"]["elements"] / kv["mha"]["elements"], 5),
+            "kv_cache_vs_deepseek_67b": kv_cache_vs_deepseek_67b(config),
+        }
     return {
+        "attention_type": config.attention_type,
         "parameters": {
             **params,
             "total_billions": round(params["total"] / 1e9, 3),
             "activated_billions": round(params["activated"] / 1e9, 3),
         },
         "kv_cache_per_token": kv,
-        "mla_vs_mha_cache_ratio": round(kv["mla"]["elements"] / kv["mha"]["elements"], 5),
-        "kv_cache_vs_deepseek_67b": kv_cache_vs_deepseek_67b(config),
+        **mla_only,
         "layers": config.num_hidden_layers,
         "moe_layers": sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers)),
         "routed_experts": config.n_routed_experts,

@@ -13,6 +13,9 @@ them (see there).
 
 The cache may store latents quantized ("fp8", "6bit": the paper serves DeepSeek-V2 with ~6 bits per
 element); the layouts and their bit costs are described above `PagedLatentCache`.
+
+The dense MHA baseline (DeepSeek LLM) uses the same pages with a wider row: its rotated keys and
+values of every head, 2 n_h d_h numbers (8,192 for the 7B model), unquantized.
 """
 
 from __future__ import annotations
@@ -75,6 +78,20 @@ def latent_row_bytes(kv_lora_rank: int, rope_dim: int, kv_dtype: torch.dtype | s
     return sum(n * dt.itemsize for n, dt in latent_fields(kv_lora_rank, rope_dim, kv_dtype).values())
 
 
+def cache_fields(config: ModelConfig, kv_dtype: torch.dtype | str) -> dict[str, tuple[int, torch.dtype]]:
+    """`latent_fields` of a model's cache row (`ModelConfig.cache_widths`)."""
+    if not isinstance(kv_dtype, torch.dtype) and config.attention_type != "mla":
+        # the layouts quantize MLA's latent and keep its rope part apart; MHA has neither
+        raise ValueError(f"kv cache dtype {kv_dtype!r} is for MLA's latent cache; an "
+                         f"{config.attention_type!r} model's cache stores a torch dtype")
+    return latent_fields(*config.cache_widths(), kv_dtype)
+
+
+def cache_row_bytes(config: ModelConfig, kv_dtype: torch.dtype | str) -> int:
+    """Bytes one token costs per layer in a model's cache, scales included."""
+    return sum(n * dt.itemsize for n, dt in cache_fields(config, kv_dtype).values())
+
+
 def quantize_fp8(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., n] -> (float8_e4m3fn [..., n], scale [..., 1]) with one scale per row: amax / 448."""
     x = x.float()
@@ -131,18 +148,22 @@ class PagedLatentCache:
       [layers, blocks, block_size, n] in `store`; `write` quantizes, `gather` dequantizes.
     Either way `gather` returns the dtype of the latest write (the model's compute dtype), so the
     rest of the engine is unchanged whatever the cache stores.
+
+    For an MHA model (torch dtypes only) the two parts are its keys and values: `kv_lora_rank` and
+    `rope_dim` both hold n_h d_h, a row of `kv` is k of every head then v of every head (what
+    kernels/mha_decode.py reads), `c_kv()`/`k_rope()` view the keys/values, and `write`/`gather`
+    take and return (k, v) [.., n_h d_h] in the places of (c_kv, k_rope).
     """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 64, device=None,
                  dtype: torch.dtype | str = torch.bfloat16):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.kv_lora_rank = config.kv_lora_rank
-        self.rope_dim = config.qk_rope_head_dim
+        self.kv_lora_rank, self.rope_dim = config.cache_widths()
         self.width = self.kv_lora_rank + self.rope_dim
         self.kv_dtype = dtype
         self.quantized = not isinstance(dtype, torch.dtype)
-        fields = latent_fields(self.kv_lora_rank, self.rope_dim, dtype)
+        fields = cache_fields(config, dtype)
         # zeros, not empty: a block's unwritten slots are read (then masked) by gather and kernels,
         # and uninitialised memory may hold NaNs that survive a multiplicative mask
         self.store = {name: torch.zeros(config.num_hidden_layers, num_blocks, block_size, n, device=device, dtype=dt)
@@ -214,8 +235,7 @@ class PagedLatentCache:
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int = 64, dtype: torch.dtype | str = torch.bfloat16) -> int:
-        row = latent_row_bytes(config.kv_lora_rank, config.qk_rope_head_dim, dtype)
-        return config.num_hidden_layers * block_size * row
+        return config.num_hidden_layers * block_size * cache_row_bytes(config, dtype)
 
     @staticmethod
     def num_blocks_for(config: ModelConfig, free_bytes: int, block_size: int = 64,

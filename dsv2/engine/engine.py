@@ -53,6 +53,8 @@ class EngineConfig:
     num_blocks: int | None = None  # None: sized from free GPU memory (or 4 GiB on CPU)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # True: no CUDA graphs (nor compilation) for decode steps
+    compile: bool = True  # torch.compile the captured decode step
 
 
 class LLMEngine:
@@ -72,10 +74,12 @@ class LLMEngine:
         if num_blocks * cfg.block_size < self.max_model_len:
             raise ValueError(f"the KV cache holds {num_blocks * cfg.block_size} tokens, fewer than "
                              f"max_model_len ({self.max_model_len}): lower max_model_len or give it more memory")
-        self.pages = PagedLatentCache(mc, num_blocks, cfg.block_size, param.device, cache_dtype)
+        # one block more than the manager hands out: the runner's scratch block for padding writes
+        self.pages = PagedLatentCache(mc, num_blocks + 1, cfg.block_size, param.device, cache_dtype)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.pages)
+        self.runner = ModelRunner(self.model, self.pages, cfg.max_num_seqs, self.max_model_len,
+                                  cuda_graphs=not cfg.enforce_eager, compile=cfg.compile)
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, str | None] = {}
@@ -89,7 +93,7 @@ class LLMEngine:
             budget = free - (1 - self.cfg.gpu_memory_utilization) * total
         else:
             budget = 4 * 2**30
-        return max(1, int(PagedLatentCache.num_blocks_for(mc, int(budget), bs, dtype)))
+        return max(1, int(PagedLatentCache.num_blocks_for(mc, int(budget), bs, dtype)) - 1)
 
     # --- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -148,12 +152,13 @@ class LLMEngine:
             out = self.sampler(logits[sampling_rows], [
                 RowState(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, self.eos_token_id)
                 for s in seqs])
+            tokens, logprobs = out.token_ids.tolist(), out.logprobs.tolist()  # the step's one sync
             for j, seq in enumerate(seqs):
-                token = int(out.token_ids[j])
+                token = tokens[j]
                 seq.output_token_ids.append(token)
                 if seq.params.logprobs is not None:
                     seq.logprobs.append(out.top_logprobs[j] if out.top_logprobs else None)
-                seq.cumulative_logprob += float(out.logprobs[j])
+                seq.cumulative_logprob += logprobs[j]
                 new_text, stop_str = seq.detokenizer.push(token) if seq.detokenizer else ("", None)
                 reason = "stop" if stop_str is not None else check_stop(
                     seq.params, token, len(seq.output_token_ids), self.eos_token_id)

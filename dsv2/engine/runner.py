@@ -2,24 +2,69 @@
 single decode token), its latents written into the sequence's pages and attention reading every
 cached token of the sequence back from them.
 
-The model is the same one training uses; only the cache differs. Here the cache gathers each
-row's pages into a dense [B, T] view: simple and correct on CPU and GPU. A decode-only batch runs
-the absorbed form of MLA (attention straight over the 576-wide latent), any batch with a prefill
-the expanded form.
+The model is the same one training uses; only the cache differs. A batch with a prefill runs the
+expanded form of MLA over the row's pages gathered into a dense view. A decode-only batch runs the
+absorbed form: on CUDA through the Triton kernel straight over the pages, and there, for the batch
+sizes it meets, as a captured CUDA graph, so a step costs one graph launch instead of a few thousand
+kernel launches from Python.
+
+The cache's last block is scratch: padding (positions past a row's chunk, and whole rows that
+round a batch up to a captured size) writes there, so every write is unconditional (no boolean
+indexing, no host sync) and no real page is touched. The block manager never hands it out.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..model import Transformer
+from ..model.moe import grouped_mm_supported
 from .cache import PagedLatentCache
+from .kernels.mha_decode import mha_decode
 from .kernels.mla_decode import mla_decode
 from .sequence import Sequence
 
 
+# The decode step's two cache operations as custom ops: torch.compile treats them as opaque calls
+# (one writes the cache in place, one launches the Triton kernel) instead of tracing into them,
+# so compiling the step fuses everything around them and never copies the cache.
+@torch.library.custom_op("dsv2::store_rows", mutates_args=("kv",))
+def store_rows(kv: torch.Tensor, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """kv [layers, blocks, block_size, width]: token i's row goes to slot slots[i] of `layer`."""
+    kv[layer].view(-1, kv.shape[-1]).index_copy_(0, slots, rows.to(kv.dtype))
+
+
+@store_rows.register_fake
+def _(kv, layer, slots, rows) -> None:
+    return None
+
+
+@torch.library.custom_op("dsv2::mla_decode", mutates_args=())
+def mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, scale: float, kv_lora_rank: int) -> torch.Tensor:
+    return mla_decode(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank)
+
+
+@mla_decode_op.register_fake
+def _(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank):
+    return q_latent.new_empty(q_latent.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv2::mha_decode", mutates_args=())
+def mha_decode_op(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    return mha_decode(q, kv, block_tables, context_lens, scale)
+
+
+@mha_decode_op.register_fake
+def _(q, kv, block_tables, context_lens, scale):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
 class PagedBatchCache:
-    """The model's cache protocol (`begin`, `write`) over a PagedLatentCache for one step."""
+    """The model's cache protocol (`begin`, `write`, `store`) over a PagedLatentCache for one step."""
 
     def __init__(self, pages: PagedLatentCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
                  decode_kernel: bool = False):
@@ -28,10 +73,11 @@ class PagedBatchCache:
         self.context_lens = context_lens  # [B] tokens each row attends to after this step
         self.decode_kernel = decode_kernel  # the model then calls store + decode_attention
         self._slots: torch.Tensor | None = None
-        self._valid: torch.Tensor | None = None
 
-    def begin(self, positions: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        self._slots, self._valid = slots, valid
+    def begin(self, positions: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+        self._slots = slots.flatten()
+        if self.decode_kernel:
+            return None  # the kernel bounds each row by context_lens itself
         t = self.block_tables.shape[1] * self.pages.block_size
         key = torch.arange(t, device=positions.device)
         # a sequence's cached tokens sit at key index == position; causal within the row
@@ -41,7 +87,10 @@ class PagedBatchCache:
         return mask[:, None]
 
     def store(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
-        self.pages.write(layer, self._slots[self._valid], c_kv[self._valid], k_rope[self._valid])
+        if self.decode_kernel:  # the plain layout: one 576-wide row per token
+            store_rows(self.pages.kv, layer, self._slots, torch.cat([c_kv, k_rope], dim=-1).flatten(0, 1))
+        else:
+            self.pages.write(layer, self._slots, c_kv.flatten(0, 1), k_rope.flatten(0, 1))
 
     def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.store(layer, c_kv, k_rope)
@@ -49,48 +98,173 @@ class PagedBatchCache:
 
     def decode_attention(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor, scale: float):
         """[B, H, r] latent outputs of one decode token per row, by the Triton kernel over the pages."""
-        return mla_decode(q_latent, q_rope, self.pages.kv[layer], self.block_tables, self.context_lens,
-                          scale, self.pages.kv_lora_rank)
+        return mla_decode_op(q_latent, q_rope, self.pages.kv[layer], self.block_tables, self.context_lens,
+                             scale, self.pages.kv_lora_rank)
+
+    def decode_attention_mha(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """[B, H, D] outputs of one decode token per row of a dense MHA model (q rotated), over the pages."""
+        return mha_decode_op(q, self.pages.kv[layer], self.block_tables, self.context_lens, scale)
+
+
+@dataclass
+class StepInputs:
+    """One step's integer inputs, packed in one tensor so they cross to the GPU in one copy."""
+
+    packed: torch.Tensor  # tokens, positions, slots [R*W each], tables [R*TW], context_lens, last [R each]
+    rows: int
+    width: int
+    table_width: int
+
+    def views(self, packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        r, w, tw = self.rows, self.width, self.table_width
+        tokens, positions, slots, tables, context, last = packed.split([r * w] * 3 + [r * tw, r, r])
+        return (tokens.view(r, w), positions.view(r, w), slots.view(r, w), tables.view(r, tw), context, last)
+
+
+def _token_ids(seq: Sequence, start: int, n: int) -> list[int]:
+    # without building prompt + output (all_token_ids) for every decode token of every row
+    p = len(seq.prompt_token_ids)
+    if start >= p:
+        return seq.output_token_ids[start - p:start - p + n]
+    if start + n <= p:
+        return seq.prompt_token_ids[start:start + n]
+    return seq.all_token_ids[start:start + n]
+
+
+def pack_inputs(items: list[tuple[Sequence, int]], rows: int, width: int, table_width: int,
+                block_size: int, scratch: int) -> StepInputs:
+    """Rows beyond len(items) and positions beyond a row's chunk are padding aimed at the scratch block."""
+    pad_slot = scratch * block_size
+    tokens: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    tables: list[int] = []
+    context: list[int] = []
+    last: list[int] = []
+    for seq, n in items:
+        start, table, pad = seq.num_computed_tokens, seq.block_table, width - n
+        tokens += _token_ids(seq, start, n) + [0] * pad
+        span = range(start, start + n)
+        positions += [*span] + [0] * pad
+        slots += [table[p // block_size] * block_size + p % block_size for p in span] + [pad_slot] * pad
+        tables += table + [scratch] * (table_width - len(table))
+        context.append(start + n)
+        last.append(n - 1)
+    extra = rows - len(items)
+    tokens += [0] * (extra * width)
+    positions += [0] * (extra * width)
+    slots += [pad_slot] * (extra * width)
+    tables += [scratch] * (extra * table_width)
+    context += [1] * extra
+    last += [0] * extra
+    packed = torch.tensor(tokens + positions + slots + tables + context + last, dtype=torch.long)
+    return StepInputs(packed, rows, width, table_width)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The decode batch sizes captured (a batch runs in the smallest that holds it), as vLLM picks."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraph:
+    """One decode step captured for a fixed batch size and block-table width."""
+
+    def __init__(self, runner: ModelRunner, inputs: StepInputs, pool):
+        self.packed = inputs.packed.to(runner.device)
+        self.layout = inputs
+        stream = torch.cuda.Stream(runner.device)
+        stream.wait_stream(torch.cuda.current_stream(runner.device))
+        with torch.cuda.stream(stream):  # compile Triton kernels and size workspaces off the graph
+            for _ in range(2):
+                runner.decode_step(*self.layout.views(self.packed))
+        torch.cuda.current_stream(runner.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = runner.decode_step(*self.layout.views(self.packed))
+
+    def replay(self, inputs: StepInputs) -> torch.Tensor:
+        self.packed.copy_(inputs.packed, non_blocking=True)
+        self.graph.replay()
+        return self.logits
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, pages: PagedLatentCache, use_kernel: bool = True):
+    def __init__(self, model: Transformer, pages: PagedLatentCache, max_num_seqs: int = 256,
+                 max_model_len: int | None = None, use_kernel: bool = True, cuda_graphs: bool = True,
+                 compile: bool = True):
         self.model = model
         self.pages = pages
+        self.scratch = pages.num_blocks - 1
         self.device = next(model.parameters()).device
-        r, dr = pages.kv_lora_rank, pages.rope_dim
-        # the kernel reads plain (unquantized) 576-wide rows on CUDA; tl.dot wants power-of-two dims >= 16
+        bs = pages.block_size
+        mc = model.config
+        # the kernels read plain (unquantized) rows on CUDA: MLA's 576-wide latent (tl.dot wants
+        # power-of-two dims >= 16), MHA's per-head slices (power-of-two head dims)
+        dims = (pages.kv_lora_rank, pages.rope_dim) if mc.attention_type == "mla" else (mc.qk_rope_head_dim,)
         self.use_kernel = (use_kernel and self.device.type == "cuda" and pages.kv is not None
-                           and all(d >= 16 and d & (d - 1) == 0 for d in (r, dr, pages.block_size)))
+                           and all(d >= 16 and d & (d - 1) == 0 for d in (*dims, bs)))
+        max_model_len = max_model_len or model.config.max_position_embeddings
+        self.max_table_width = -(-max_model_len // bs)
+        self.graph_sizes = graph_batch_sizes(max_num_seqs)
+        self.use_graphs = cuda_graphs and self.use_kernel and _capturable(model)
+        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self._pool = None
+        # the captured step compiled first: a decode step is some hundred small kernels per layer
+        # (norms, rope, routing, casts), and fused they cost a fraction of the GPU time
+        self.decode_step = self._decode_step
+        if self.use_graphs and compile:
+            self.decode_step = torch.compile(self._decode_step, dynamic=True)
+
+    def _decode_step(self, *views: torch.Tensor) -> torch.Tensor:
+        return self.forward(views, decode=True)
+
+    def forward(self, views: tuple[torch.Tensor, ...], decode: bool) -> torch.Tensor:
+        tokens, positions, slots, tables, context, last = views
+        valid = slots != self.scratch * self.pages.block_size
+        cache = PagedBatchCache(self.pages, tables, context, decode and self.use_kernel)
+        return self.model(tokens, positions, valid, cache, slots, absorb=decode, output_index=last)
 
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """Compute each item's next tokens; return the logits [B, V] at each row's last token."""
+        """Compute each item's next tokens; return the logits [B, V] (fp32) at each row's last token.
+
+        A step mixing single-token rows (decodes) with prefill chunks runs them as two batches:
+        padded into one rectangle, every decode row would cost as much as the longest chunk."""
+        single = [i for i, (_, n) in enumerate(items) if n == 1]
+        if 0 < len(single) < len(items):
+            chunks = [i for i, (_, n) in enumerate(items) if n > 1]
+            logits = torch.empty(len(items), self.model.config.vocab_size, device=self.device)
+            for rows in (single, chunks):
+                logits[torch.tensor(rows, device=self.device)] = self._run([items[i] for i in rows])
+            return logits
+        return self._run(items)
+
+    def _run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
         bs = self.pages.block_size
         width = max(n for _, n in items)
+        table_width = max(len(seq.block_table) for seq, _ in items)
         rows = len(items)
-        tokens = torch.zeros(rows, width, dtype=torch.long)
-        positions = torch.zeros(rows, width, dtype=torch.long)
-        valid = torch.zeros(rows, width, dtype=torch.bool)
-        slots = torch.zeros(rows, width, dtype=torch.long)
-        max_blocks = max(len(seq.block_table) for seq, _ in items)
-        tables = torch.zeros(rows, max_blocks, dtype=torch.long)
-        context = torch.zeros(rows, dtype=torch.long)
-        for i, (seq, n) in enumerate(items):
-            start = seq.num_computed_tokens
-            ids = seq.all_token_ids[start:start + n]
-            pos = torch.arange(start, start + n)
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            tokens[i, :n] = torch.tensor(ids, dtype=torch.long)
-            positions[i, :n] = pos
-            valid[i, :n] = True
-            slots[i, :n] = table[pos // bs] * bs + pos % bs
-            tables[i, : len(seq.block_table)] = table
-            context[i] = start + n
-        to = dict(device=self.device)
-        decode = width == 1
-        cache = PagedBatchCache(self.pages, tables.to(**to), context.to(**to), decode and self.use_kernel)
-        logits = self.model(tokens.to(**to), positions.to(**to), valid.to(**to), cache, slots.to(**to),
-                            absorb=decode)
-        last = torch.tensor([n - 1 for _, n in items], device=self.device)
-        return logits[torch.arange(rows, device=self.device), last].float()
+        if width == 1 and self.use_graphs and self.use_kernel and rows <= self.graph_sizes[-1]:
+            size = next(s for s in self.graph_sizes if s >= rows)
+            # table widths in powers of two: the kernel's split count follows the width, so a graph
+            # for the longest context allowed would split short contexts too thinly
+            table_width = min(max(16, 1 << (table_width - 1).bit_length()), max(self.max_table_width, table_width))
+            inputs = pack_inputs(items, size, 1, table_width, bs, self.scratch)
+            graph = self.graphs.get((size, table_width))
+            if graph is None:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = self.graphs[(size, table_width)] = DecodeGraph(self, inputs, self._pool)
+            return graph.replay(inputs)[:rows].float()
+        inputs = pack_inputs(items, rows, width, table_width, bs, self.scratch)
+        logits = self.forward(inputs.views(inputs.packed.to(self.device)), decode=width == 1)
+        return logits.float()
+
+
+def _capturable(model: Transformer) -> bool:
+    """Graph capture needs a step without host syncs, which MoE layers have only on the grouped-GEMM path."""
+    c = model.config
+    p = next(model.parameters())
+    return not any(layer.is_moe for layer in model.layers) or grouped_mm_supported(
+        p.device, p.dtype, c.hidden_size, c.moe_intermediate_size)

@@ -58,7 +58,7 @@ class Scheduler:
         items: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
         for seq in sorted(self.running, key=lambda s: s.arrival):
-            if seq not in self.running or budget == 0:
+            if seq.status is not Status.RUNNING or budget == 0:  # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_append(seq.block_table, seq.num_computed_tokens + n):

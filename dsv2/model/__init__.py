@@ -1,11 +1,26 @@
 from .attention import MLA
 from .cache import LatentCache
+from .mha import MHA
 from .moe import MLP, Experts, Gate, MoE, RouterOutput, TokenDropping
 from .norm import RMSNorm
-from .rope import RotaryEmbedding, apply_rope
+from .rope import RotaryEmbedding, apply_rope, apply_rope_rotate_half
 from .transformer import Block, ModelOutput, Transformer
 
 __all__ = [
-    "MLA", "LatentCache", "MLP", "Experts", "Gate", "MoE", "RouterOutput", "TokenDropping", "RMSNorm",
-    "RotaryEmbedding", "apply_rope", "Block", "ModelOutput", "Transformer",
+    "MHA",
+    "MLA",
+    "MLP",
+    "Block",
+    "Experts",
+    "Gate",
+    "LatentCache",
+    "MoE",
+    "ModelOutput",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "RouterOutput",
+    "TokenDropping",
+    "Transformer",
+    "apply_rope",
+    "apply_rope_rotate_half",
 ]

@@ -1,9 +1,11 @@
 """A contiguous latent KV cache: per layer, c_kv and k_rope for every slot of every sequence.
 
-MLA caches only (kv_lora_rank + qk_rope_head_dim) numbers per token per layer. Each slot also
-records its token's position and whether it holds a real token, so that left padding, right
-padding and ragged decoding all reduce to one rule: a query attends to the valid slots whose
-position is not after its own. The engine's paged cache keeps the same contract.
+MLA caches only (kv_lora_rank + qk_rope_head_dim) numbers per token per layer. The MHA baseline
+uses the same cache with its rotated keys in `c_kv` and its values in `k_rope` (n_h d_h numbers
+each: `ModelConfig.cache_widths`). Each slot also records its token's position and whether it
+holds a real token, so that left padding, right padding and ragged decoding all reduce to one rule:
+a query attends to the valid slots whose position is not after its own. The engine's paged cache
+keeps the same contract.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from ..config import ModelConfig
 class LatentCache:
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
         layers = config.num_hidden_layers
-        self.c_kv = torch.zeros(layers, batch, max_len, config.kv_lora_rank, device=device, dtype=dtype)
-        self.k_rope = torch.zeros(layers, batch, max_len, config.qk_rope_head_dim, device=device, dtype=dtype)
+        c_kv_width, k_rope_width = config.cache_widths()
+        self.c_kv = torch.zeros(layers, batch, max_len, c_kv_width, device=device, dtype=dtype)
+        self.k_rope = torch.zeros(layers, batch, max_len, k_rope_width, device=device, dtype=dtype)
         self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len

@@ -125,11 +125,15 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 
 
 def _has_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    # Hopper's grouped GEMM needs bf16 and 16-byte aligned rows; elsewhere the segment loop runs
+    return x.dtype == w.dtype and grouped_mm_supported(x.device, x.dtype, x.shape[1], w.shape[1])
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    """Hopper's grouped GEMM needs bf16 and 16-byte aligned rows; elsewhere the segment loop runs
+    (which reads the per-expert counts back to the host)."""
     return (
-        x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
-        and x.shape[1] % 8 == 0 and w.shape[1] % 8 == 0
+        device.type == "cuda" and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(device)[0] >= 9 and all(d % 8 == 0 for d in dims)
     )
 
 
@@ -160,11 +164,17 @@ class Experts(nn.Module):
         # direction needs atomic scatter-adds
         flat = topk_idx.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        counts = self._counts(flat)
         xs = x.repeat_interleave(k, dim=0)[order]
         y = self._ffn(xs, counts)
         y = torch.empty_like(y).index_copy_(0, order, y).view(n, k, -1)
         return (y.float() * topk_weight[..., None]).sum(1).to(x.dtype)
+
+    def _counts(self, flat: torch.Tensor) -> torch.Tensor:
+        # not bincount: on CUDA it reads the largest index back to the host to size its output,
+        # a sync that would also break CUDA graph capture
+        return torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).index_add_(
+            0, flat, torch.ones_like(flat))
 
     def _ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         h = F.silu(grouped_mm(xs, self.gate_proj, counts)) * grouped_mm(xs, self.up_proj, counts)
@@ -176,7 +186,7 @@ class Experts(nn.Module):
         sel = kept.flatten().nonzero().squeeze(1)
         flat, weight, token = topk_idx.flatten()[sel], topk_weight.flatten()[sel], sel // k
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        counts = self._counts(flat)
         token = token[order]
         y = self._ffn(x[token], counts)
         y = (y.float() * weight[order, None]).to(x.dtype)

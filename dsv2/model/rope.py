@@ -2,6 +2,8 @@
 
 Only q_rope and the shared k_rope rotate (MLA's decoupled RoPE); the rotation pairs dims (2i, 2i+1)
 of the checkpoint's weight order, which is what transformers computes with complex numbers.
+LLaMA-architecture MHA (DeepSeek LLM) rotates the whole head and pairs dim i with dim i + dim/2
+("rotate half"), the order its checkpoints' q_proj/k_proj rows are in: `apply_rope_rotate_half`.
 """
 
 from __future__ import annotations
@@ -70,3 +72,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)
+
+
+def apply_rope_rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, dim] (or [B, S, dim]) rotated in LLaMA's convention, dim i paired with i + dim/2;
+    computed in fp32."""
+    if x.dim() == 4:
+        cos, sin = cos[:, :, None], sin[:, :, None]
+    x0, x1 = x.float().chunk(2, dim=-1)
+    return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).to(x.dtype)

@@ -15,6 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import MLA
 from .cache import LatentCache
+from .mha import MHA
 from .moe import MLP, MoE, RouterOutput, TokenDropping
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -30,7 +31,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config, layer_idx)
+        self.self_attn = (MHA if config.attention_type == "mha" else MLA)(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
@@ -68,6 +69,7 @@ class Transformer(nn.Module):
         absorb: bool = False,
         drop: TokenDropping | None = None,
         checkpoint_layers: bool = False,
+        output_index: torch.Tensor | None = None,
     ) -> torch.Tensor | ModelOutput:
         """tokens [B, S] -> logits [B, S, vocab] (with return_router, a ModelOutput).
 
@@ -75,7 +77,8 @@ class Transformer(nn.Module):
         default to each row's count of real tokens so far. With a cache, `positions` and `slots`
         (where each token's latent is stored) are given by the caller. `drop` applies the MoE
         capacity limit (training only); `checkpoint_layers` recomputes each block's activations in
-        the backward pass instead of keeping them.
+        the backward pass instead of keeping them. `output_index` [B] picks one position per row
+        whose logits are computed, [B, vocab]: all an inference step samples from.
         """
         valid = attention_mask.bool() if attention_mask is not None else None
         if positions is None:
@@ -105,6 +108,8 @@ class Transformer(nn.Module):
                 h, route = layer(h, cos, sin, mask, cache, absorb, drop)
             if route is not None:
                 routes.append(route)
+        if output_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), output_index]
         logits = self.lm_head(self.norm(h))
         return ModelOutput(logits, routes) if return_router else logits
 

@@ -1,0 +1,780 @@
+"""Inference-engine throughput at the DeepSeek-V2-Lite shape (random bf16 weights, no checkpoint):
+dsv2's engine against transformers' DeepseekV2ForCausalLM, beside the physical limit measured in
+the same run.
+
+    python bench/engine_bench.py                                  # decode + prefill, H100, ~3-5 min
+    python bench/engine_bench.py --sections maxtp --out bench/results/engine_bench_maxtp_h100.json
+    python bench/engine_bench.py --preset dsv2-tiny --device cpu --quick   # smoke run, seconds
+    python bench/engine_bench.py --plot-only bench/results/engine_bench_h100.json
+
+Sections (--sections, default decode,prefill; --max-throughput adds maxtp):
+
+- decode: B requests of a random `--context`-token prompt each; the engine steps until every
+  request has its first token (the prefills), then `--warmup-steps` decode steps (CUDA graphs, if
+  the engine captures them, are captured there), then `--decode-steps` timed steps, each a full
+  `engine.step()` producing B tokens. transformers: one prefill forward of the [B, context] batch
+  with its cache, then the same number of single-token greedy steps on past_key_values.
+- prefill: N x S random prompts with max_tokens=1, from add_request until every request has its
+  token, best and median of `--prefill-reps` repeats (prefix caching off, so each repeat computes).
+  transformers: one forward over the [N, S] batch with use_cache=True.
+- maxtp: the paper's generation-throughput comparison in miniature. Each model (V2-Lite and a dense
+  MHA 7B of DeepSeek LLM 7B's shape) gets the engine with its cache sized from free memory
+  (gpu_memory_utilization 0.9); the batch is as many prompt+gen sequences as that cache holds (at
+  most --max-batch); the decode of all of them is timed.
+
+The limits. Decode moves bytes: every weight a step reads (attention, dense MLPs, shared experts,
+gate, norms, lm_head; the routed experts the batch touches, expected E(1 - (1 - k/E)^B) per MoE
+layer if the B tokens route uniformly; embedding rows) plus the whole latent cache of the batch,
+over the device-to-device copy bandwidth (read + write bytes of a 2 GiB copy, best of 5).
+Prefill computes: 2 x activated parameters per token (the lm_head only at each sequence's last
+token) plus causal attention, over the dense bf16 peak; the limit is the larger of that time and
+the weight-read time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dsv2.config import ModelConfig, preset  # noqa: E402
+from dsv2.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from dsv2.engine.cache import PagedLatentCache  # noqa: E402
+from dsv2.info import count_params  # noqa: E402
+from dsv2.model import Transformer  # noqa: E402
+
+# Dense bf16 tensor-core peak, FLOP/s, from the SXM datasheets (the sparsity figures are 2x these).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+# The paper (Section 3.2.3): DeepSeek-V2's maximum generation throughput is 5.76x DeepSeek 67B's.
+PAPER_MAX_THROUGHPUT_RATIO = 5.76
+# transformers on an H100 measured earlier (same shapes, random bf16 weights), for orientation only.
+HF_EARLIER_H100 = {"decode_tok_s": {1: 22, 16: 316, 64: 388},
+                   "prefill_tok_s": {"1x2048": 27e3, "8x512": 44e3}}
+OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[engine_bench {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def guarded(label: str, fn) -> dict:
+    """Run one row; an out-of-memory (or any other failure) becomes that row's record, not a crash."""
+    try:
+        out = fn()
+    except OOM:
+        log(f"{label}: out of memory")
+        out = {"status": "OOM"}
+    except Exception as e:  # noqa: BLE001 - a long GPU run keeps its other rows
+        traceback.print_exc()
+        out = {"status": "error", "error": f"{type(e).__name__}: {e}"[:800]}
+    free_memory()  # outside the except block, so the traceback's frames (and tensors) are gone
+    return out
+
+
+# --- the physical limits ---------------------------------------------------------------------------
+def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> float:
+    """Bytes/s of a device-to-device copy, counting the read and the write; best of `reps`."""
+    x = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    best = math.inf
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    del x, y
+    free_memory()
+    return 2 * nbytes / best
+
+
+def expected_experts(n_experts: int, top_k: int, tokens: int) -> float:
+    """Distinct experts touched when each of `tokens` tokens picks top_k of n_experts, assuming
+    uniform routing with picks independent across tokens (random weights route close to that)."""
+    return n_experts * (1 - (1 - top_k / n_experts) ** tokens)
+
+
+def weight_bytes(model: Transformer) -> dict:
+    """Parameter bytes by what a forward step must read, from the model's own parameters.
+
+    every_step: read whatever the batch (attention, dense MLPs, shared experts, gates, norms,
+    lm_head); per_expert: one routed expert of one MoE layer (gate + up + down); embedding: the
+    table, of which a step reads only its tokens' rows (row_bytes each)."""
+    config = model.config
+    every, routed, embedding = 0, 0, 0
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        parts = name.split(".")
+        if name.startswith("embed_tokens."):
+            embedding += nbytes
+        elif parts[0] == "layers" and parts[2:4] == ["mlp", "experts"] and config.is_moe_layer(int(parts[1])):
+            routed += nbytes
+        else:
+            every += nbytes
+    if config.tie_word_embeddings:  # the lm_head is the embedding, read whole every step
+        every += embedding
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    per_expert = routed // (moe_layers * config.n_routed_experts) if moe_layers else 0
+    elt = next(model.parameters()).element_size()
+    return {"every_step": every, "routed_total": routed, "per_expert": per_expert, "moe_layers": moe_layers,
+            "embedding": embedding, "row_bytes": config.hidden_size * elt,
+            "total": every + routed + embedding}
+
+
+def kv_bytes_per_token(config: ModelConfig, engine: LLMEngine | None = None, dtype=torch.bfloat16) -> float:
+    """Cache bytes one token costs over all layers, e.g. (kv_lora_rank + rope) x layers x 2 for
+    MLA in bf16: from the engine's live cache when given (as stored), else from the cache's rule."""
+    pages = getattr(engine, "pages", None)
+    if pages is not None and hasattr(pages, "nbytes"):
+        return pages.nbytes / (pages.num_blocks * pages.block_size)
+    return PagedLatentCache.bytes_per_block(config, 1, dtype)
+
+
+def decode_limit(config: ModelConfig, wb: dict, batch: int, context: float, kv_per_token: float,
+                 bandwidth: float) -> dict:
+    experts = _experts(config, wb, batch)
+    weights = wb["every_step"] + wb["moe_layers"] * experts * wb["per_expert"] + batch * wb["row_bytes"]
+    kv = batch * context * kv_per_token
+    seconds = (weights + kv) / bandwidth
+    return {"bytes": weights + kv, "weight_bytes": weights, "kv_bytes": kv,
+            "experts_per_layer_expected": experts,
+            "kv_bytes_per_token": kv_per_token, "context_mean": context, "step_ms": seconds * 1e3,
+            "tok_s": batch / seconds}
+
+
+def _experts(config: ModelConfig, wb: dict, tokens: int) -> float:
+    if not wb["moe_layers"]:
+        return 0.0
+    return expected_experts(config.n_routed_experts, config.num_experts_per_tok, tokens)
+
+
+def prefill_limit(config: ModelConfig, wb: dict, n: int, s: int, bandwidth: float,
+                  peak: float | None) -> dict:
+    """FLOPs: 2 x activated params per token, the lm_head only at each sequence's last token (the
+    one whose logits are needed), plus causal attention in the expanded form: per layer and head,
+    q.k over qk_head_dim and p.v over v_head_dim for S(S+1)/2 query-key pairs, 2 FLOPs each."""
+    tokens = n * s
+    lm_head = config.vocab_size * config.hidden_size
+    body = count_params(config)["activated"] - lm_head
+    attn = (2 * config.num_hidden_layers * config.num_attention_heads
+            * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) * n * s * (s + 1) / 2)
+    flops = 2 * body * tokens + 2 * lm_head * n + attn
+    weights = wb["every_step"] + wb["moe_layers"] * _experts(config, wb, tokens) * wb["per_expert"]
+    t_bytes = weights / bandwidth
+    t_flops = flops / peak if peak else 0.0
+    seconds = max(t_bytes, t_flops)
+    return {"flops": flops, "attention_flops": attn, "weight_bytes": weights, "compute_s": t_flops,
+            "bytes_s": t_bytes, "bound": "compute" if t_flops >= t_bytes else "bandwidth",
+            "ms": seconds * 1e3, "tok_s": tokens / seconds, "peak_flops": peak}
+
+
+# --- dsv2 ------------------------------------------------------------------------------------------
+def build_dsv2(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """On the meta device, then materialized and initialized where it runs (no slow CPU init)."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_weights()  # also recomputes the rotary buffer lost on the meta device
+    return model.eval()
+
+
+def engine_config(**kw) -> EngineConfig:
+    """EngineConfig from the fields it has (it is being extended concurrently: unknown keys from
+    --engine-opt are reported, not fatal)."""
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    unknown = sorted(set(kw) - names)
+    if unknown:
+        log(f"EngineConfig has no field(s) {unknown}; ignored")
+    return EngineConfig(**{k: v for k, v in kw.items() if k in names})
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
+def _run_to_first_tokens(engine: LLMEngine, ids: set[str]) -> int:
+    """Step until each of `ids` has produced a token; return the steps taken."""
+    pending, steps = set(ids), 0
+    while pending:
+        for out in engine.step():
+            if out.outputs[0].token_ids:
+                pending.discard(out.request_id)
+        steps += 1
+    return steps
+
+
+def dsv2_decode(model: Transformer, batch: int, prompt: int, warmup: int, steps: int, batched_tokens: int,
+                block_size: int, opts: dict) -> dict:
+    device = next(model.parameters()).device
+    max_tokens = 1 + warmup + steps + 1  # nobody finishes inside the timed window
+    total = prompt + max_tokens
+    engine = LLMEngine(model, None, engine_config(
+        max_num_seqs=batch, max_num_batched_tokens=max(batched_tokens, batch), block_size=block_size,
+        num_blocks=batch * math.ceil(total / block_size) + 1, max_model_len=total,
+        enable_prefix_caching=False, **opts))
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    ids = [f"d{batch}-{i}" for i in range(batch)]
+    for rid, p in zip(ids, _prompts(batch, prompt, model.config.vocab_size, seed=batch), strict=True):
+        engine.add_request(rid, p, params)
+    sync(device)
+    t = time.perf_counter()
+    prefill_steps = _run_to_first_tokens(engine, set(ids))
+    sync(device)
+    prefill_s = time.perf_counter() - t
+    for _ in range(warmup):
+        engine.step()
+    sync(device)
+    produced = []
+    t = time.perf_counter()
+    for _ in range(steps):
+        produced.append(len(engine.step()))  # requests advanced this step; one token each (n = 1)
+    sync(device)
+    seconds = time.perf_counter() - t
+    tokens = sum(produced)
+    out = {"status": "ok", "batch": batch, "prompt": prompt, "steps": steps, "warmup_steps": warmup,
+           "seconds": seconds, "tok_s": tokens / seconds, "ms_per_step": seconds / steps * 1e3,
+           "tokens": tokens, "every_step_full": all(n == batch for n in produced),
+           "prefill_steps": prefill_steps, "prefill_s": prefill_s,
+           "preemptions": engine.scheduler.num_preemptions,
+           "kv_bytes_per_token": kv_bytes_per_token(model.config, engine),
+           "decode_kernel": bool(getattr(engine.runner, "use_kernel", False))}
+    if not out["every_step_full"]:
+        log(f"  warning: not every timed step produced {batch} tokens: {produced}")
+    del engine
+    return out
+
+
+def dsv2_prefill(model: Transformer, n: int, s: int, reps: int, warmup: int, batched_tokens: int,
+                 block_size: int, opts: dict) -> dict:
+    device = next(model.parameters()).device
+    engine = LLMEngine(model, None, engine_config(
+        max_num_seqs=n, max_num_batched_tokens=max(batched_tokens, n * s), block_size=block_size,
+        num_blocks=n * math.ceil((s + 1) / block_size) + 1, max_model_len=s + 1,
+        enable_prefix_caching=False, **opts))
+    params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    times, steps = [], []
+    for r in range(warmup + reps):
+        ids = [f"p{n}x{s}-{r}-{i}" for i in range(n)]
+        for rid, p in zip(ids, _prompts(n, s, model.config.vocab_size, seed=1000 + r), strict=True):
+            engine.add_request(rid, p, params)
+        sync(device)
+        t = time.perf_counter()
+        k = _run_to_first_tokens(engine, set(ids))
+        sync(device)
+        if r >= warmup:
+            times.append(time.perf_counter() - t)
+            steps.append(k)
+        while engine.has_unfinished_requests():  # max_tokens=1: all finished already
+            engine.step()
+    del engine
+    if any(k != 1 for k in steps):
+        log(f"  note: the prefill took {steps} engine steps per repeat (token budget {batched_tokens})")
+    best, median = min(times), statistics.median(times)
+    return {"status": "ok", "n": n, "s": s, "reps": reps, "seconds": times, "best_ms": best * 1e3,
+            "median_ms": median * 1e3, "tok_s": n * s / best, "tok_s_median": n * s / median, "steps": steps}
+
+
+def experts_touched(model: Transformer, batch: int) -> float:
+    """Mean distinct routed experts per MoE layer for `batch` random tokens (one decode step's
+    worth) through the model itself: the uniform-routing assumption checked on these weights."""
+    if not model.config.n_routed_experts:
+        return 0.0
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, 1), generator=g).to(device)
+    with torch.inference_mode():
+        routes = model(tokens, return_router=True).router
+    counts = [r.topk_idx.unique().numel() for r in routes]
+    return sum(counts) / len(counts)
+
+
+# --- transformers ----------------------------------------------------------------------------------
+def build_hf(config: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """transformers' model of the same shape (DeepseekV2ForCausalLM; LlamaForCausalLM for an MHA
+    preset, as config.json names it), random weights initialized on the device itself.
+    transformers 5 takes the MoE kernel as `experts_implementation=` of from_config/_from_config
+    (or from_pretrained); it lands on config._experts_implementation."""
+    import transformers
+
+    d = dict(config.to_hf())
+    d.pop("torch_dtype", None)
+    cls = getattr(transformers, d.pop("architectures")[0])
+    hf_config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    kwargs = {"attn_implementation": "sdpa", "dtype": dtype}
+    torch.manual_seed(0)
+    with torch.device(device):
+        try:
+            model = cls._from_config(hf_config, experts_implementation="grouped_mm", **kwargs)
+        except (TypeError, ValueError) as e:  # no grouped_mm experts in this transformers (or model)
+            log(f"transformers: experts_implementation='grouped_mm' refused ({e}); default experts")
+            model = cls._from_config(hf_config, **kwargs)
+    if next(model.parameters()).device != device:
+        model = model.to(device)
+    return model.eval(), {"version": transformers.__version__,
+                          "experts_implementation": getattr(model.config, "_experts_implementation", None),
+                          "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+
+
+@torch.inference_mode()
+def hf_decode(model, batch: int, prompt: int, warmup: int, steps: int) -> dict:
+    device = next(model.parameters()).device
+    ids = torch.tensor(_prompts(batch, prompt, model.config.vocab_size, seed=batch), device=device)
+    sync(device)
+    t = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    prefill_s = time.perf_counter() - t
+    del out
+    for _ in range(warmup):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    seconds = time.perf_counter() - t
+    return {"status": "ok", "batch": batch, "prompt": prompt, "steps": steps, "seconds": seconds,
+            "tok_s": batch * steps / seconds, "ms_per_step": seconds / steps * 1e3, "prefill_s": prefill_s}
+
+
+@torch.inference_mode()
+def hf_prefill(model, n: int, s: int, reps: int, warmup: int) -> dict:
+    device = next(model.parameters()).device
+    times = []
+    for r in range(warmup + reps):
+        ids = torch.tensor(_prompts(n, s, model.config.vocab_size, seed=1000 + r), device=device)
+        sync(device)
+        t = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        out.logits[:, -1].argmax(-1)
+        sync(device)
+        if r >= warmup:
+            times.append(time.perf_counter() - t)
+        del out
+    best, median = min(times), statistics.median(times)
+    return {"status": "ok", "n": n, "s": s, "reps": reps, "seconds": times, "best_ms": best * 1e3,
+            "median_ms": median * 1e3, "tok_s": n * s / best, "tok_s_median": n * s / median}
+
+
+# --- maximum generation throughput -----------------------------------------------------------------
+def max_throughput_row(config: ModelConfig, device: torch.device, dtype: torch.dtype, args, bandwidth: float,
+                       opts: dict) -> dict:
+    model = build_dsv2(config, device, dtype)
+    wb = weight_bytes(model)
+    total = args.mt_prompt + args.mt_gen
+    ecfg = dict(max_num_seqs=args.max_batch, max_num_batched_tokens=args.mt_batched_tokens,
+                block_size=args.block_size, max_model_len=total, enable_prefix_caching=False, **opts)
+    num_blocks = None  # the engine sizes its cache from free memory (gpu_memory_utilization)
+    if args.mt_cache_mib:  # a fixed budget instead (smoke runs: the CPU default is 4 GiB)
+        probe = LLMEngine(model, None, engine_config(**ecfg, num_blocks=math.ceil(total / args.block_size)))
+        per_block = probe.pages.nbytes / probe.pages.num_blocks
+        del probe
+        num_blocks = max(1, int(args.mt_cache_mib * 2**20 // per_block))
+    engine = LLMEngine(model, None, engine_config(**ecfg, num_blocks=num_blocks,
+                                                  gpu_memory_utilization=args.mt_memory))
+    num_blocks = engine.blocks.num_blocks
+    fits = num_blocks // math.ceil(total / args.block_size)
+    batch = min(fits, args.max_batch)
+    out = {"status": "ok", "params": sum(p.numel() for p in model.parameters()), "weight_bytes": wb["total"],
+           "num_blocks": num_blocks, "cache_tokens": num_blocks * args.block_size,
+           "cache_bytes": getattr(engine.pages, "nbytes", None),
+           "kv_bytes_per_token": kv_bytes_per_token(config, engine),
+           "sequences_fit": fits, "batch": batch, "prompt": args.mt_prompt, "gen": args.mt_gen}
+    log(f"  cache {num_blocks} blocks = {out['cache_tokens']} tokens "
+        f"({out['kv_bytes_per_token']:.0f} B/token): {fits} sequences of {total} fit, running {batch}")
+    params = SamplingParams(max_tokens=args.mt_gen, ignore_eos=True, temperature=0.0)
+    ids = [f"m{i}" for i in range(batch)]
+    for rid, p in zip(ids, _prompts(batch, args.mt_prompt, config.vocab_size, seed=5), strict=True):
+        engine.add_request(rid, p, params)
+    sync(device)
+    t0 = time.perf_counter()
+    out["prefill_steps"] = _run_to_first_tokens(engine, set(ids))
+    sync(device)
+    t1 = time.perf_counter()
+    warmup = min(args.warmup_steps, max(args.mt_gen - 2, 0))
+    for _ in range(warmup):
+        engine.step()
+    sync(device)
+    t2 = time.perf_counter()
+    steps = tokens = 0
+    while engine.has_unfinished_requests():
+        tokens += len(engine.step())
+        steps += 1
+    sync(device)
+    t3 = time.perf_counter()
+    out.update(prefill_s=t1 - t0, decode_steps=steps, decode_s=t3 - t2,
+               decode_tok_s=tokens / (t3 - t2) if steps else float("nan"),
+               ms_per_step=(t3 - t2) / steps * 1e3 if steps else float("nan"),
+               generation_tok_s=batch * args.mt_gen / (t3 - t0), preemptions=engine.scheduler.num_preemptions)
+    context = args.mt_prompt + warmup + (steps + 1) / 2
+    out["limit"] = decode_limit(config, wb, batch, context, out["kv_bytes_per_token"], bandwidth)
+    del engine, model
+    return out
+
+
+def run_max_throughput(args, device, dtype, bandwidth, opts) -> dict:
+    rows = {}
+    for spec in args.mt_models.split(","):
+        try:
+            config = preset(spec)
+        except (KeyError, ValueError) as e:
+            msg = f"{spec}: not available in dsv2.config yet ({type(e).__name__}: {e}); skipped"
+            log(msg)
+            rows[spec] = {"status": "skipped", "reason": msg}
+            continue
+        log(f"max throughput: {spec}")
+        rows[spec] = guarded(spec, lambda c=config: max_throughput_row(c, device, dtype, args, bandwidth,
+                                                                       opts))
+    specs = args.mt_models.split(",")
+    a, b = (rows.get(s, {}) for s in specs[:2]) if len(specs) >= 2 else ({}, {})
+    ratio = (a["decode_tok_s"] / b["decode_tok_s"]) if a.get("status") == b.get("status") == "ok" else None
+    gen_ratio = (a["generation_tok_s"] / b["generation_tok_s"]) if ratio else None
+    return {"models": rows, "ratio_of": specs[:2], "ratio_decode": ratio, "ratio_generation": gen_ratio,
+            "paper_ratio": PAPER_MAX_THROUGHPUT_RATIO, "prompt": args.mt_prompt, "gen": args.mt_gen,
+            "gpu_memory_utilization": args.mt_memory, "cache_mib": args.mt_cache_mib,
+            "max_batch": args.max_batch}
+
+
+# --- output ----------------------------------------------------------------------------------------
+def _fmt(x, spec: str = ",.0f", width: int = 0) -> str:
+    s = "—" if x is None else (x if isinstance(x, str) else format(x, spec))
+    return f"{s:>{width}}" if width else s
+
+
+def _rate(r: dict, key: str = "tok_s") -> str:
+    v = _status(r, key)
+    return f"{v:,.1f} tok/s" if isinstance(v, float) else str(v)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def _status(r: dict | None, key: str = "tok_s"):
+    if r is None:
+        return None
+    return r[key] if r.get("status") == "ok" else r.get("status", "?")
+
+
+def print_tables(res: dict) -> None:
+    print(f"\n{res['preset']} ({_count(res['params_total'])} total, {_count(res['params_activated'])} "
+          f"activated), {res['dtype']} random weights, on {res['device']} (torch {res['torch']}, "
+          f"transformers {res['transformers'] or '—'}); copy bandwidth {res['bandwidth_gbs']:,.0f} GB/s")
+    if res.get("decode"):
+        d0 = res["decode"][0]
+        print(f"\ndecode: prompt {d0['context']} tokens, {res['args']['decode_steps']} timed engine steps "
+              f"after {res['args']['warmup_steps']} warm-up; limit = step bytes / copy bandwidth")
+        head = (f"{'row':<12}{'dsv2 tok/s':>12}{'ms/step':>9}{'transformers tok/s':>20}{'ratio':>8}"
+                f"{'roofline tok/s':>16}{'% roofline':>12}{'experts/layer':>15}")
+        print(head)
+        for r in res["decode"]:
+            ours, hf = _status(r["dsv2"]), _status(r.get("transformers"))
+            ms = r["dsv2"].get("ms_per_step")
+            ratio = ours / hf if isinstance(ours, float) and isinstance(hf, float) else None
+            pct = ours / r["limit"]["tok_s"] * 100 if isinstance(ours, float) else None
+            expected = r["limit"]["experts_per_layer_expected"]
+            experts = f"{expected:.1f}/{_fmt(r.get('experts_measured'), '.1f')}"
+            print(f"{'batch ' + str(r['batch']):<12}{_fmt(ours, ',.0f', 12)}{_fmt(ms, '.1f', 9)}"
+                  f"{_fmt(hf, ',.0f', 20)}{_fmt(ratio, '.2f', 8)}{_fmt(r['limit']['tok_s'], ',.0f', 16)}"
+                  f"{_fmt(pct, '.1f', 11)}{'%' if pct is not None else ' '}{experts:>15}")
+        print("experts/layer: expected under uniform routing / measured on random tokens through the model")
+    if res.get("prefill"):
+        peak = res["peak_flops"]
+        print(f"\nprefill: add_request to first token, best of {res['args']['prefill_reps']}; "
+              f"limit = max(FLOPs / {_fmt(peak and peak / 1e12, ',.0f')} TFLOP/s dense bf16 peak, "
+              "weight bytes / bandwidth)")
+        print(f"{'row':<12}{'dsv2 tok/s':>12}{'ms':>9}{'transformers tok/s':>20}{'ratio':>8}"
+              f"{'limit tok/s':>16}{'% limit':>12}{'MFU':>8}")
+        for r in res["prefill"]:
+            ours, hf = _status(r["dsv2"]), _status(r.get("transformers"))
+            ms = r["dsv2"].get("best_ms")
+            ratio = ours / hf if isinstance(ours, float) and isinstance(hf, float) else None
+            pct = ours / r["limit"]["tok_s"] * 100 if isinstance(ours, float) else None
+            mfu = r["limit"]["flops"] / (ms / 1e3) / peak * 100 if isinstance(ours, float) and peak else None
+            print(f"{r['row']:<12}{_fmt(ours, ',.0f', 12)}{_fmt(ms, '.1f', 9)}{_fmt(hf, ',.0f', 20)}"
+                  f"{_fmt(ratio, '.2f', 8)}{_fmt(r['limit']['tok_s'], ',.0f', 16)}{_fmt(pct, '.1f', 11)}"
+                  f"{'%' if pct is not None else ' '}{_fmt(mfu, '.1f', 7)}{'%' if mfu is not None else ''}")
+    mt = res.get("max_throughput")
+    if mt:
+        cache = (f"a fixed {mt['cache_mib']} MiB cache" if mt.get("cache_mib") else
+                 f"cache from gpu_memory_utilization {mt['gpu_memory_utilization']}")
+        print(f"\nmaximum generation throughput: prompt {mt['prompt']} + {mt['gen']} generated tokens per "
+              f"sequence, {cache}, batch = sequences that fit, at most {mt['max_batch']}")
+        print(f"{'model':<22}{'KV B/token':>11}{'cache tokens':>14}{'fit':>7}{'batch':>7}{'decode tok/s':>14}"
+              f"{'ms/step':>9}{'with prefill':>14}{'roofline':>16}{'% roofline':>12}")
+        for name, r in mt["models"].items():
+            if r.get("status") != "ok":
+                print(f"{name:<22}{r.get('status')}: {r.get('reason') or r.get('error', '')}")
+                continue
+            pct = r["decode_tok_s"] / r["limit"]["tok_s"] * 100
+            print(f"{name:<22}{r['kv_bytes_per_token']:>11,.0f}{r['cache_tokens']:>14,}{r['sequences_fit']:>7}"
+                  f"{r['batch']:>7}"
+                  f"{r['decode_tok_s']:>14,.0f}{r['ms_per_step']:>9.1f}{r['generation_tok_s']:>14,.0f}"
+                  f"{r['limit']['tok_s']:>16,.0f}{pct:>11.1f}%")
+        if mt["ratio_decode"]:
+            print(f"{' / '.join(mt['ratio_of'])}: decode {mt['ratio_decode']:.2f}x, with prefill "
+                  f"{mt['ratio_generation']:.2f}x (paper, DeepSeek-V2 / DeepSeek 67B: {mt['paper_ratio']}x)")
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res.get("decode") or []
+    if not rows:
+        log("no decode rows to plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = [("dsv2 engine", lambda r: _status(r["dsv2"]), "o-"),
+              ("transformers", lambda r: _status(r.get("transformers")), "s-"),
+              ("roofline (bytes / copy bandwidth)", lambda r: r["limit"]["tok_s"], "k--")]
+    for label, get, style in series:
+        pts = [(r["batch"], get(r)) for r in rows if isinstance(get(r), (int, float))]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=label)
+    for r in rows:
+        if _status(r.get("transformers")) == "OOM":
+            ours = _status(r["dsv2"])
+            y = ours if isinstance(ours, float) else r["limit"]["tok_s"]
+            ax.annotate("transformers: out of memory", (r["batch"], y), textcoords="offset points",
+                        xytext=(0, -28), fontsize=8, color="C1", ha="right")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks([r["batch"] for r in rows], [str(r["batch"]) for r in rows])
+    ax.set_xlabel("batch (sequences decoding together)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"Decode throughput, {res['preset']} ({res['dtype']}), prompt {rows[0]['context']}\n"
+                 f"{res['device']}, {res['date']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    log(f"plot: {path}")
+
+
+# --- main ------------------------------------------------------------------------------------------
+QUICK = dict(batches="1,4,8", context=32, decode_steps=4, warmup_steps=2, prefill="1x64,2x32", prefill_reps=2,
+             prefill_warmup=1, batched_tokens=256, bandwidth_mib=16, mt_models="dsv2-tiny,dsv2-tiny-mha",
+             mt_prompt=16, mt_gen=8, max_batch=32, mt_batched_tokens=256, mt_cache_mib=1)
+FULL = dict(batches="1,16,64,256", context=1024, decode_steps=64, warmup_steps=8, prefill="1x2048,8x512",
+            prefill_reps=5, prefill_warmup=2, batched_tokens=8192, bandwidth_mib=2048,
+            mt_models="deepseek-v2-lite,deepseek-llm-7b", mt_prompt=512, mt_gen=512, max_batch=1024,
+            mt_batched_tokens=8192)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=None, help="default deepseek-v2-lite (dsv2-tiny with --quick)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
+    ap.add_argument("--sections", default="decode,prefill", help="comma list of decode, prefill, maxtp")
+    ap.add_argument("--max-throughput", action="store_true", help="add the maxtp section")
+    ap.add_argument("--batches", default=None, help="decode batch sizes, comma separated")
+    ap.add_argument("--context", type=int, default=None, help="decode prompt length (tokens)")
+    ap.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per row")
+    ap.add_argument("--warmup-steps", type=int, default=None, help="untimed decode steps before them")
+    ap.add_argument("--prefill", default=None, help="prefill rows NxS, comma separated")
+    ap.add_argument("--prefill-reps", type=int, default=None)
+    ap.add_argument("--prefill-warmup", type=int, default=None)
+    ap.add_argument("--batched-tokens", type=int, default=None, help="engine max_num_batched_tokens")
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--bandwidth-mib", type=int, default=None, help="size of the bandwidth copy")
+    ap.add_argument("--skip-hf", action="store_true", help="no transformers rows")
+    ap.add_argument("--mt-models", default=None, help="maxtp: two presets, ratio first / second")
+    ap.add_argument("--mt-prompt", type=int, default=None)
+    ap.add_argument("--mt-gen", type=int, default=None)
+    ap.add_argument("--mt-memory", type=float, default=0.9, help="maxtp gpu_memory_utilization")
+    ap.add_argument("--mt-cache-mib", type=int, default=None,
+                    help="maxtp: fixed cache budget instead of gpu_memory_utilization (smoke runs)")
+    ap.add_argument("--mt-batched-tokens", type=int, default=None)
+    ap.add_argument("--max-batch", type=int, default=None, help="maxtp batch cap")
+    ap.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra EngineConfig field (python literal), e.g. enforce_eager=True")
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/engine_bench_h100.json")
+    ap.add_argument("--plot", type=Path, default=None, help="PNG (default docs/engine_throughput.png)")
+    ap.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw from a JSON")
+    args = ap.parse_args(argv)
+    for k, v in (QUICK if args.quick else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.preset = args.preset or ("dsv2-tiny" if args.quick else "deepseek-v2-lite")
+    # a smoke run must not overwrite the committed GPU results
+    scratch = args.quick or args.device == "cpu"
+    tmp, results = Path(tempfile.gettempdir()), ROOT / "bench/results"
+    default_out = tmp / "engine_bench_quick.json" if scratch else results / "engine_bench_h100.json"
+    default_plot = tmp / "engine_throughput_quick.png" if scratch else ROOT / "docs/engine_throughput.png"
+    args.out, args.plot = args.out or default_out, args.plot or default_plot
+    args.sections = [s for s in args.sections.split(",") if s] + (["maxtp"] if args.max_throughput else [])
+    return args
+
+
+def _literal(v: str):
+    import ast
+
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return v
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.plot_only:
+        res = json.loads(args.plot_only.read_text())
+        print_tables(res)
+        plot(res, args.plot)
+        return res
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    opts = {k: _literal(v) for k, v in (o.split("=", 1) for o in args.engine_opt)}
+    config = preset(args.preset)
+    try:
+        import transformers
+
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None) if device.type == "cuda" else None
+    params = count_params(config)
+    res = {"device": name, "torch": torch.__version__, "transformers": hf_version,
+           "date": time.strftime("%Y-%m-%d"),
+           "preset": args.preset, "dtype": args.dtype, "params_total": params["total"],
+           "params_activated": params["activated"], "config": config.to_hf(), "peak_flops": peak,
+           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "assumptions": {
+               "experts": "decode: expected distinct experts E(1-(1-k/E)^B) per MoE layer, uniform routing",
+               "kv": "decode: the batch's whole latent cache read once per step, at the mean context",
+               "prefill_flops": "2 x activated params/token (lm_head at last tokens only) + causal attention",
+               "peak": "dense bf16 tensor-core peak from the datasheet (989 TFLOP/s for H100/H200 SXM)"},
+           "transformers_earlier_h100": HF_EARLIER_H100}
+
+    log(f"bandwidth: copying {args.bandwidth_mib} MiB on {name}")
+    bandwidth = copy_bandwidth(device, args.bandwidth_mib * 2**20)
+    res["bandwidth_gbs"] = bandwidth / 1e9
+    log(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s")
+
+    batches = [int(b) for b in args.batches.split(",") if b]
+    prefills = [tuple(int(x) for x in p.split("x")) for p in args.prefill.split(",") if p]
+    decode_rows, prefill_rows = [], []
+    if "decode" in args.sections or "prefill" in args.sections:
+        log(f"building dsv2 {args.preset} on {device} ({args.dtype})")
+        model = build_dsv2(config, device, dtype)
+        sync(device)
+        wb = weight_bytes(model)
+        res["weight_bytes"] = wb
+        log(f"built: weights {wb['total'] / 2**30:.2f} GiB, read every step "
+            f"{wb['every_step'] / 2**30:.2f} GiB, one expert {wb['per_expert'] / 2**20:.2f} MiB "
+            f"x {wb['moe_layers']} MoE layers")
+        if "decode" in args.sections:
+            for b in batches:
+                log(f"dsv2 decode: batch {b}, prompt {args.context}")
+                r = guarded(f"dsv2 decode {b}", lambda b=b: dsv2_decode(
+                    model, b, args.context, args.warmup_steps, args.decode_steps, args.batched_tokens,
+                    args.block_size, opts))
+                kv = r.get("kv_bytes_per_token") or kv_bytes_per_token(config, None, dtype)
+                context = args.context + args.warmup_steps + (args.decode_steps + 1) / 2
+                row = {"batch": b, "context": args.context, "dsv2": r,
+                       "limit": decode_limit(config, wb, b, context, kv, bandwidth)}
+                row["experts_measured"] = _status(guarded("experts", lambda b=b: {
+                    "status": "ok", "n": experts_touched(model, b)}), "n") if wb["moe_layers"] else 0.0
+                if not isinstance(row["experts_measured"], float):
+                    row["experts_measured"] = None
+                decode_rows.append(row)
+                log(f"  {_rate(r)}, {_fmt(r.get('ms_per_step'), '.2f')} ms/step")
+        if "prefill" in args.sections:
+            for n, s in prefills:
+                log(f"dsv2 prefill: {n}x{s}")
+                r = guarded(f"dsv2 prefill {n}x{s}", lambda n=n, s=s: dsv2_prefill(
+                    model, n, s, args.prefill_reps, args.prefill_warmup, args.batched_tokens, args.block_size,
+                    opts))
+                prefill_rows.append({"row": f"{n}x{s}", "n": n, "s": s, "dsv2": r,
+                                     "limit": prefill_limit(config, wb, n, s, bandwidth, peak)})
+                log(f"  {_rate(r)}")
+        del model
+        free_memory()
+
+        if not args.skip_hf and hf_version is None:
+            log("transformers is not installed: no transformers rows")
+        elif not args.skip_hf:
+            log(f"building transformers {hf_version} DeepseekV2ForCausalLM on {device}")
+            built = guarded("transformers build",
+                            lambda: {"status": "ok", "pair": build_hf(config, device, dtype)})
+            if built.get("status") == "ok":
+                hf, res["transformers_impl"] = built.pop("pair")
+                log(f"built: {res['transformers_impl']}")
+                for row in decode_rows:
+                    b = row["batch"]
+                    log(f"transformers decode: batch {b}, prompt {args.context}")
+                    row["transformers"] = guarded(f"transformers decode {b}", lambda b=b: hf_decode(
+                        hf, b, args.context, args.warmup_steps, args.decode_steps))
+                    log(f"  {_rate(row['transformers'])}")
+                for row in prefill_rows:
+                    log(f"transformers prefill: {row['row']}")
+                    row["transformers"] = guarded(f"transformers prefill {row['row']}", lambda r=row: (
+                        hf_prefill(hf, r["n"], r["s"], args.prefill_reps, args.prefill_warmup)))
+                    log(f"  {_rate(row['transformers'])}")
+                del hf
+            else:
+                for row in decode_rows + prefill_rows:
+                    row["transformers"] = built
+            free_memory()
+    for row in decode_rows + prefill_rows:
+        ours, hf = _status(row["dsv2"]), _status(row.get("transformers"))
+        row["pct_limit"] = ours / row["limit"]["tok_s"] * 100 if isinstance(ours, float) else None
+        both = isinstance(ours, float) and isinstance(hf, float)
+        row["ratio_vs_transformers"] = ours / hf if both else None
+    res["decode"], res["prefill"] = decode_rows, prefill_rows
+
+    if "maxtp" in args.sections:
+        res["max_throughput"] = run_max_throughput(args, device, dtype, bandwidth, opts)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2, default=str))
+    print_tables(res)
+    print(f"\nJSON: {args.out}")
+    plot(res, args.plot)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Dense multi-head attention as DeepSeek LLM (LLaMA's architecture) has it: the paper's baseline.
+
+Every head has its own key and value, so a token caches 2 n_h d_h numbers per layer (8,192 for
+DeepSeek LLM 7B against MLA's 576): the cost MLA exists to remove. The module speaks the same cache
+protocol as MLA, with the rotated keys and the values of all heads, [B, S, n_h d_h] each, in the
+places of c_kv and k_rope; so the contiguous and paged caches, reference generation and the engine
+run it unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import LayerCache
+from .rope import apply_rope_rotate_half
+
+
+class MHA(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.n_heads
+        self.softmax_scale = self.head_dim ** -0.5
+        d, hd, bias = config.hidden_size, self.n_heads * self.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(d, hd, bias=bias)
+        self.k_proj = nn.Linear(d, hd, bias=bias)
+        self.v_proj = nn.Linear(d, hd, bias=bias)
+        self.o_proj = nn.Linear(hd, d, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+        absorb: bool = False,
+    ) -> torch.Tensor:
+        """x [B, S, d]; mask [B, 1, S, T] bool (True = attend) or None for plain causal over S.
+        `absorb` is MLA's switch and means nothing here: MHA has no projection to fold."""
+        heads = (self.n_heads, self.head_dim)
+        q = apply_rope_rotate_half(self.q_proj(x).unflatten(-1, heads), cos, sin)  # [B, S, H, D]
+        k = apply_rope_rotate_half(self.k_proj(x).unflatten(-1, heads), cos, sin).flatten(-2)  # [B, S, H*D]
+        v = self.v_proj(x)
+        if x.shape[1] == 1 and getattr(cache, "decode_kernel", False):
+            # one decode token per row: the cache's kernel attends straight over its pages
+            cache.store(self.layer_idx, k, v)
+            o = cache.decode_attention_mha(self.layer_idx, q[:, 0], self.softmax_scale)  # [B, H, D] fp32
+            return self.o_proj(o.to(x.dtype).flatten(-2))[:, None]
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v)  # every cached token, [B, T, H*D]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.unflatten(-1, heads).transpose(1, 2), v.unflatten(-1, heads).transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+        )
+        return self.o_proj(o.transpose(1, 2).flatten(-2))

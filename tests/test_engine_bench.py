@@ -1,0 +1,30 @@
+"""The engine benchmark end to end on CPU with the tiny presets (seconds): every section yields
+figures, the JSON holds them and the plot redraws from it."""
+
+import json
+
+from bench import engine_bench
+
+
+def test_engine_bench_quick_cpu(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    res = engine_bench.main(["--quick", "--device", "cpu", "--max-throughput", "--batches", "1,4",
+                             "--prefill", "2x16", "--out", str(out), "--plot", str(png)])
+    saved = json.loads(out.read_text())
+    assert saved["preset"] == "dsv2-tiny" and png.stat().st_size > 0
+    for row in res["decode"]:
+        r = row["dsv2"]
+        assert r["status"] == "ok" and r["every_step_full"] and r["tokens"] == row["batch"] * r["steps"]
+        assert r["preemptions"] == 0 and 0 < row["limit"]["tok_s"]
+    assert res["prefill"][0]["dsv2"]["steps"] == [1, 1]  # one engine step per prefill repeat
+    mt = res["max_throughput"]["models"]
+    assert all(r["status"] in ("ok", "skipped") for r in mt.values())
+    assert mt["dsv2-tiny"]["batch"] == min(mt["dsv2-tiny"]["sequences_fit"], 32)
+    png.unlink()
+    engine_bench.main(["--plot-only", str(out), "--plot", str(png)])
+    assert png.stat().st_size > 0
+
+
+def test_expected_experts():
+    assert engine_bench.expected_experts(64, 6, 1) == 6
+    assert abs(engine_bench.expected_experts(64, 6, 10_000) - 64) < 1e-9
