@@ -236,7 +236,9 @@ def _run_to_first_tokens(engine: LLMEngine, ids: set[str]) -> int:
 def dsv2_decode(model: Transformer, batch: int, prompt: int, warmup: int, steps: int, batched_tokens: int,
                 block_size: int, opts: dict) -> dict:
     device = next(model.parameters()).device
-    max_tokens = 1 + warmup + steps + 1  # nobody finishes inside the timed window
+    # nobody finishes inside the timed window: the first-admitted rows decode while later ones
+    # still prefill, one step per max_num_batched_tokens of prompt
+    max_tokens = 2 + warmup + steps + math.ceil(batch * prompt / max(batched_tokens, batch))
     total = prompt + max_tokens
     engine = LLMEngine(model, None, engine_config(
         max_num_seqs=batch, max_num_batched_tokens=max(batched_tokens, batch), block_size=block_size,

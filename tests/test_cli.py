@@ -8,6 +8,7 @@ from dsv2.generate import generate
 
 from .conftest import model_with_tokenizer
 
+
 def dsv2(*args, stdin=None):
     proc = subprocess.run([sys.executable, "-m", "dsv2.cli", *args], input=stdin, capture_output=True,
                           text=True, timeout=300)

@@ -19,7 +19,7 @@ from .params import SamplingParams
 from .runner import ModelRunner
 from .sampler import Detokenizer, RowState, Sampler, check_stop, make_generator
 from .scheduler import Scheduler
-from .sequence import Sequence, Status
+from .sequence import Sequence
 
 
 @dataclass
@@ -55,6 +55,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs (nor compilation) for decode steps
     compile: bool = True  # torch.compile the captured decode step
+    compile_prefill: bool = False  # and the prefill step (recompiles for new batch shapes)
 
 
 class LLMEngine:
@@ -79,7 +80,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.pages, cfg.max_num_seqs, self.max_model_len,
-                                  cuda_graphs=not cfg.enforce_eager, compile=cfg.compile)
+                                  cuda_graphs=not cfg.enforce_eager, compile=cfg.compile,
+                                  compile_prefill=cfg.compile_prefill)
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, str | None] = {}

@@ -87,7 +87,8 @@ class PagedBatchCache:
         return mask[:, None]
 
     def store(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
-        if self.decode_kernel:  # the plain layout: one 576-wide row per token
+        if self.pages.kv is not None:  # the plain layout: one row per token, c_kv then k_rope
+            self.pages.compute_dtype = c_kv.dtype
             store_rows(self.pages.kv, layer, self._slots, torch.cat([c_kv, k_rope], dim=-1).flatten(0, 1))
         else:
             self.pages.write(layer, self._slots, c_kv.flatten(0, 1), k_rope.flatten(0, 1))
@@ -192,7 +193,7 @@ class DecodeGraph:
 class ModelRunner:
     def __init__(self, model: Transformer, pages: PagedLatentCache, max_num_seqs: int = 256,
                  max_model_len: int | None = None, use_kernel: bool = True, cuda_graphs: bool = True,
-                 compile: bool = True):
+                 compile: bool = True, compile_prefill: bool = False):
         self.model = model
         self.pages = pages
         self.scratch = pages.num_blocks - 1
@@ -210,14 +211,22 @@ class ModelRunner:
         self.use_graphs = cuda_graphs and self.use_kernel and _capturable(model)
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
         self._pool = None
-        # the captured step compiled first: a decode step is some hundred small kernels per layer
-        # (norms, rope, routing, casts), and fused they cost a fraction of the GPU time
-        self.decode_step = self._decode_step
+        # steps compiled on CUDA: a step is some hundred small kernels per layer (norms, rope,
+        # routing, casts), and fused they cost a fraction of the GPU time; decode steps are then
+        # captured. Compilation happens at the first step of a new kind of shape (a minute or two
+        # for V2-Lite, bench/RESULTS.md): worth it for decode, where every step gains, opt-in for
+        # prefill (+22% on 1x2048), where each new batch shape may compile again.
+        self.decode_step, self.prefill_step = self._decode_step, self._prefill_step
         if self.use_graphs and compile:
             self.decode_step = torch.compile(self._decode_step, dynamic=True)
+            if compile_prefill:
+                self.prefill_step = torch.compile(self._prefill_step, dynamic=True)
 
     def _decode_step(self, *views: torch.Tensor) -> torch.Tensor:
         return self.forward(views, decode=True)
+
+    def _prefill_step(self, *views: torch.Tensor) -> torch.Tensor:
+        return self.forward(views, decode=False)
 
     def forward(self, views: tuple[torch.Tensor, ...], decode: bool) -> torch.Tensor:
         tokens, positions, slots, tables, context, last = views
@@ -258,7 +267,8 @@ class ModelRunner:
                 graph = self.graphs[(size, table_width)] = DecodeGraph(self, inputs, self._pool)
             return graph.replay(inputs)[:rows].float()
         inputs = pack_inputs(items, rows, width, table_width, bs, self.scratch)
-        logits = self.forward(inputs.views(inputs.packed.to(self.device)), decode=width == 1)
+        views = inputs.views(inputs.packed.to(self.device))
+        logits = self.forward(views, decode=True) if width == 1 else self.prefill_step(*views)
         return logits.float()
 
 

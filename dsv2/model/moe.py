@@ -1,7 +1,8 @@
 """DeepSeekMoE: always-on shared experts plus fine-grained routed experts chosen by a softmax gate.
 
 Routed experts are stored stacked ([E, out, in], the per-expert checkpoint tensors stacked) and run
-as one grouped matmul over the tokens sorted by expert, so each expert touches only its own tokens.
+as one grouped matmul over the tokens sorted by expert, so each expert touches only its own tokens
+(decode-sized batches through the Triton kernel in kernels/moe_gemm.py, which streams the weights).
 `Experts.reference` is the per-token, per-expert twin that tests hold the fast path to.
 """
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .kernels.moe_gemm import moe_gemm, moe_gemm_supported, moe_gemm_swiglu
 
 
 class MLP(nn.Module):
@@ -177,8 +179,29 @@ class Experts(nn.Module):
             0, flat, torch.ones_like(flat))
 
     def _ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if self._decode_sized(xs):
+            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            h = moe_gemm_swiglu(xs, self.gate_proj, self.up_proj, offsets)
+            return moe_gemm(h, self.down_proj, offsets)
         h = F.silu(grouped_mm(xs, self.gate_proj, counts)) * grouped_mm(xs, self.up_proj, counts)
         return grouped_mm(h, self.down_proj, counts)
+
+    # Decode steps (a few rows per expert) are bound by streaming the active experts' weights, which
+    # the CUTLASS grouped GEMM, tiled for large M, does at ~57% of HBM bandwidth on an H100; the
+    # Triton kernel reads each active expert's weights once per row tile of up to 64 rows.
+    # Measured on an H100 (V2-Lite, bench/RESULTS.md): the kernel wins at batch 1-64 (up to ~6 rows
+    # per expert) and loses at batch 256 (~24 rows per expert: 32.7 against 26.0 ms a step), so the
+    # switch sits at 16. Shapes alone decide, so a captured step always takes the same path.
+    # Inference only: the kernel has no backward, and autocast is left to grouped_mm.
+    moe_gemm_max_rows_per_expert = 16
+
+    def _decode_sized(self, xs: torch.Tensor) -> bool:
+        return (
+            moe_gemm_supported(xs, self.gate_proj, self.up_proj, self.down_proj)
+            and xs.shape[0] <= self.moe_gemm_max_rows_per_expert * self.n_experts
+            and not (torch.is_grad_enabled() and (xs.requires_grad or self.gate_proj.requires_grad))
+            and not torch.is_autocast_enabled("cuda")
+        )
 
     def _dropping(self, x, topk_idx, topk_weight, kept) -> torch.Tensor:
         """Training with token dropping: only kept assignments are computed, summed by index_add."""
