@@ -3,6 +3,7 @@ import torch
 
 from dsv2.checkpoint import save_model
 from dsv2.config import preset
+from dsv2.engine import SamplingParams
 from dsv2.model import Transformer
 
 # Tiny configs covering the released architecture's switches. Positions past YaRN's
@@ -74,3 +75,17 @@ def _renormalize_router(hf, config):
         gate = getattr(layer.mlp, "gate", None)
         if gate is not None and hasattr(gate, "top_k"):
             gate.register_forward_hook(hook)
+
+
+def run_greedy(engine, prompts, max_tokens):
+    """Every prompt through `engine` greedily (max_tokens: one for all, or one per prompt); the
+    output token ids in prompt order."""
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    for i, (p, m) in enumerate(zip(prompts, lengths)):
+        engine.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True))
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[f"r{i}"] for i in range(len(prompts))]

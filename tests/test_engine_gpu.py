@@ -8,7 +8,7 @@ from dsv2.engine import EngineConfig, LLMEngine, SamplingParams
 from dsv2.generate import generate
 from dsv2.tokenizer import train_bpe
 
-from .conftest import TEXTS, random_model, tiny_config
+from .conftest import TEXTS, random_model, run_greedy, tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -56,17 +56,6 @@ def test_engine_greedy_equals_reference_on_cuda_fp32():
     assert all(done[f"r{i}"] == generate(model, [p], 24)[0] for i, p in enumerate(prompts))
 
 
-def _run_all(engine, prompts, max_tokens):
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-    return [done[f"r{i}"] for i in range(len(prompts))]
-
-
 @pytest.mark.parametrize("attention", ["mla", "mha"])
 def test_cuda_graph_decode_equals_reference_fp32_dense(attention):
     """A dense fp32 model is capturable: graph-replayed, compiled decode steps (batches padded up to
@@ -82,7 +71,7 @@ def test_cuda_graph_decode_equals_reference_fp32_dense(attention):
                                                   max_num_seqs=8, max_num_batched_tokens=256))
     assert engine.runner.use_graphs
     prompts = [[5 + i, 17, 42, 9 + i] * (2 + i) for i in range(7)]  # 7 rows: padded to a graph of 8
-    got = _run_all(engine, prompts, 20)
+    got = run_greedy(engine, prompts, 20)
     assert engine.runner.graphs, "no decode step was captured"
     assert got == [generate(model, [p], 20)[0] for p in prompts]
 

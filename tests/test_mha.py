@@ -14,12 +14,11 @@ from dsv2.config import PRESETS, ConfigError, ModelConfig, preset
 from dsv2.engine.cache import PagedLatentCache
 from dsv2.engine.engine import EngineConfig, LLMEngine
 from dsv2.engine.kernels.mha_decode import mha_decode, mha_decode_reference
-from dsv2.engine.params import SamplingParams
 from dsv2.generate import generate
 from dsv2.info import model_info
 from dsv2.model import MHA, LatentCache
 
-from .conftest import random_model
+from .conftest import random_model, run_greedy
 
 RELEASED_7B = {  # deepseek-llm-7b-base's config.json as released
     "architectures": ["LlamaForCausalLM"], "bos_token_id": 100000, "eos_token_id": 100001,
@@ -169,16 +168,10 @@ def test_engine_greedy_tokens_equal_the_reference():
     prompts = [shared[: rng.choice([0, 16])] + [rng.randrange(2, 512) for _ in range(rng.randrange(1, 40))]
                for _ in range(10)]
     lengths = [rng.randrange(1, 20) for _ in prompts]
-    for i, (p, m) in enumerate(zip(prompts, lengths)):
-        engine.add_request(f"r{i}", p, SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True))
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
+    done = run_greedy(engine, prompts, lengths)
     assert max(map(len, prompts)) > 24  # some prompt needed more than one chunk
     for i, (p, m) in enumerate(zip(prompts, lengths)):
-        assert done[f"r{i}"] == generate(model, [p], m)[0], i
+        assert done[i] == generate(model, [p], m)[0], i
     assert engine.blocks.all_free()
 
 

@@ -139,6 +139,19 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn,) else t
 
 
+# The plain layout's write as a custom op: torch.compile (the engine's compiled steps) then treats it
+# as one opaque in-place call on the cache instead of functionalizing it into a copy of the cache.
+@torch.library.custom_op("dsv2::store_rows", mutates_args=("kv",))
+def store_rows(kv: torch.Tensor, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """kv [layers, blocks, block_size, width]: token i's row goes to slot slots[i] of `layer`."""
+    kv[layer].view(-1, kv.shape[-1]).index_copy_(0, slots, rows.to(kv.dtype))
+
+
+@store_rows.register_fake
+def _(kv, layer, slots, rows) -> None:
+    return None
+
+
 class PagedLatentCache:
     """Per token per layer one latent row, c_kv then k_rope, stored by `kv_dtype`:
 
@@ -204,8 +217,7 @@ class PagedLatentCache:
         """Store token i's latent and rope key in slot slots[i] (block_id * block_size + offset)."""
         self.compute_dtype = c_kv.dtype
         if not self.quantized:
-            rows = self.kv[layer].view(-1, self.width)  # [blocks * block_size, width]
-            rows.index_copy_(0, slots, torch.cat([c_kv, k_rope], dim=-1).to(rows.dtype))
+            store_rows(self.kv, layer, slots, torch.cat([c_kv, k_rope], dim=-1))
             return
         for name, value in self.quantize(c_kv, k_rope).items():
             rows = self.store[name][layer].view(-1, value.shape[-1])

@@ -27,20 +27,8 @@ from .kernels.mla_decode import mla_decode
 from .sequence import Sequence
 
 
-# The decode step's two cache operations as custom ops: torch.compile treats them as opaque calls
-# (one writes the cache in place, one launches the Triton kernel) instead of tracing into them,
-# so compiling the step fuses everything around them and never copies the cache.
-@torch.library.custom_op("dsv2::store_rows", mutates_args=("kv",))
-def store_rows(kv: torch.Tensor, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
-    """kv [layers, blocks, block_size, width]: token i's row goes to slot slots[i] of `layer`."""
-    kv[layer].view(-1, kv.shape[-1]).index_copy_(0, slots, rows.to(kv.dtype))
-
-
-@store_rows.register_fake
-def _(kv, layer, slots, rows) -> None:
-    return None
-
-
+# The decode kernels as custom ops (like the cache write, cache.store_rows): torch.compile treats
+# them as opaque calls instead of tracing into the Triton launch, and fuses everything around them.
 @torch.library.custom_op("dsv2::mla_decode", mutates_args=())
 def mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, scale: float, kv_lora_rank: int) -> torch.Tensor:
@@ -87,11 +75,7 @@ class PagedBatchCache:
         return mask[:, None]
 
     def store(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
-        if self.pages.kv is not None:  # the plain layout: one row per token, c_kv then k_rope
-            self.pages.compute_dtype = c_kv.dtype
-            store_rows(self.pages.kv, layer, self._slots, torch.cat([c_kv, k_rope], dim=-1).flatten(0, 1))
-        else:
-            self.pages.write(layer, self._slots, c_kv.flatten(0, 1), k_rope.flatten(0, 1))
+        self.pages.write(layer, self._slots, c_kv.flatten(0, 1), k_rope.flatten(0, 1))
 
     def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.store(layer, c_kv, k_rope)
