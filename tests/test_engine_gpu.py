@@ -17,7 +17,9 @@ def _engine(dtype):
     tok = train_bpe(TEXTS * 10, vocab_size=300)
     config = tiny_config(vocab_size=tok.vocab_size, hidden_size=128, kv_lora_rank=64, qk_rope_head_dim=16)
     model = random_model(config, seed=41, std=0.2).to("cuda", dtype)
-    cfg = EngineConfig(block_size=16, num_blocks=128, max_model_len=512, max_num_batched_tokens=256)
+    # synchronous steps: the tests below rerun a scheduled batch by hand, with every token read back
+    cfg = EngineConfig(block_size=16, num_blocks=128, max_model_len=512, max_num_batched_tokens=256,
+                       async_scheduling=False)
     return LLMEngine(model, tok, cfg), model
 
 
@@ -83,7 +85,7 @@ def test_cuda_graph_decode_matches_eager_bf16_moe():
                          moe_intermediate_size=64)
     model = random_model(config, seed=6, std=0.2).to("cuda", torch.bfloat16)
     engine = LLMEngine(model, None, EngineConfig(block_size=16, num_blocks=128, max_model_len=512, max_num_seqs=16,
-                                                  max_num_batched_tokens=256))
+                                                  max_num_batched_tokens=256, async_scheduling=False))
     for i in range(11):
         engine.add_request(f"r{i}", [3 + i, 7, 11 + i] * (1 + i), SamplingParams(temperature=0, max_tokens=30,
                                                                                ignore_eos=True))

@@ -5,13 +5,9 @@ import torch
 
 from dsv2.engine.kernels.mha_decode import mha_decode, mha_decode_reference
 from dsv2.engine.kernels.mla_decode import mla_decode, mla_decode_reference
-from dsv2.model import Experts
-from dsv2.model.kernels.moe_gemm import (
-    moe_gemm,
-    moe_gemm_reference,
-    moe_gemm_swiglu,
-    moe_gemm_swiglu_reference,
-)
+from dsv2.model import MLP, Experts, Gate, MoE
+from dsv2.model.kernels.moe_gemm import fused_experts, fused_experts_reference
+from dsv2.model.kernels.moe_route import moe_align, moe_align_reference
 
 
 def _tables(g, lengths, block_size, extra_width=0):
@@ -89,78 +85,150 @@ def test_triton_mha_decode_against_reference(b, h, d, lengths, block_size, split
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def _moe_case(n_experts, k, n, seed, device="cpu", dtype=torch.float32, extra_rows=0):
-    """(x, w_gate, w_up, offsets, rows): every expert gets 0, 1, 17 or 40 rows, in shuffled order.
-    NaN marks what must never be read: idle experts' weights and x's rows past offsets[E]."""
+def _expert_load(n, k, n_experts, g, skew=0.0):
+    """topk_idx [n, k]: distinct experts per token; a `skew` share of tokens put expert 3 first,
+    so one expert gets many rows (several row tiles) while others stay idle."""
+    idx = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(n)])
+    hot = torch.rand(n, generator=g) < skew
+    for t in hot.nonzero().flatten().tolist():
+        row = idx[t]
+        row[row == 3] = row[0]
+        row[0] = 3
+    return idx
+
+
+def _experts_case(n, k, n_experts, inter, dim, n_shared, seed, device="cpu", dtype=torch.float32, skew=0.0):
+    """Random routed and shared expert weights at fan-in scale, a routing, and gate values; NaN fills
+    the weights of every expert no token chose, which must never be read."""
     g = torch.Generator().manual_seed(seed)
-    counts = torch.tensor([0, 1, 17, 40]).repeat(n_experts // 4 + 1)[:n_experts]
-    counts = counts[torch.randperm(n_experts, generator=g)]
-    rows = int(counts.sum())
-    x = torch.randn(rows + extra_rows, k, generator=g)
-    x[rows:] = float("nan")
-    w_gate, w_up = (torch.randn(n_experts, n, k, generator=g) / k ** 0.5 for _ in range(2))
-    w_gate[counts == 0] = float("nan")
-    w_up[counts == 0] = float("nan")
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    idx = _expert_load(n, k, n_experts, g, skew)
+    w_gate, w_up = (torch.randn(n_experts, inter, dim, generator=g) / dim ** 0.5 for _ in range(2))
+    w_down = torch.randn(n_experts, dim, inter, generator=g) / inter ** 0.5
+    idle = torch.ones(n_experts, dtype=torch.bool)
+    idle[idx.flatten()] = False
+    for w in (w_gate, w_up, w_down):
+        w[idle] = float("nan")
+    shared = None
+    if n_shared:
+        shared = (torch.randn(n_shared * inter, dim, generator=g) / dim ** 0.5,
+                  torch.randn(n_shared * inter, dim, generator=g) / dim ** 0.5,
+                  torch.randn(dim, n_shared * inter, generator=g) / (n_shared * inter) ** 0.5)
+    x = torch.randn(n, dim, generator=g)
+    weight = torch.rand(n, k, generator=g)
     to = {"device": device, "dtype": dtype}
-    return x.to(**to), w_gate.to(**to), w_up.to(**to), offsets.to(device), rows
+    shared = None if shared is None else tuple(w.to(**to) for w in shared)
+    return (x.to(**to), idx.to(device), weight.to(device), w_gate.to(**to), w_up.to(**to), w_down.to(**to), shared,
+            idle)
 
 
-def test_moe_gemm_reference_matches_per_expert_matmul():
-    x, w_gate, w_up, offsets, rows = _moe_case(6, 32, 16, seed=0, extra_rows=3)
-    got = moe_gemm_reference(x, w_gate, offsets)
-    act = moe_gemm_swiglu_reference(x, w_gate, w_up, offsets)
-    for e in range(6):
-        a, b = offsets[e].item(), offsets[e + 1].item()
-        assert torch.allclose(got[a:b], x[a:b] @ w_gate[e].T, atol=1e-5)
-        want = torch.nn.functional.silu(x[a:b] @ w_gate[e].T) * (x[a:b] @ w_up[e].T)
-        assert torch.allclose(act[a:b], want, atol=1e-5)
-    assert (got[rows:] == 0).all()
+def test_fused_experts_reference_is_the_moe_layer():
+    x, idx, weight, w_gate, w_up, w_down, shared, idle = _experts_case(9, 3, 8, 16, 32, 2, seed=0)
+    experts = Experts(8, 32, 16)
+    mlp = MLP(32, 32)
+    with torch.no_grad():
+        for p, w in zip([experts.gate_proj, experts.up_proj, experts.down_proj], [w_gate, w_up, w_down]):
+            p.copy_(w.nan_to_num())
+        for lin, w in zip([mlp.gate_proj, mlp.up_proj, mlp.down_proj], shared):
+            lin.weight.copy_(w)
+        want = experts.reference(x, idx, weight) + mlp(x)
+    got = fused_experts_reference(x, idx, weight, w_gate, w_up, w_down, shared)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_moe_align_reference_sorts_assignments_by_expert():
+    idx = torch.tensor([[2, 0], [2, 1], [0, 2]])
+    rows, offsets = moe_align_reference(idx, 3, n_shared=1)  # expert 3 is the shared one
+    # assignment t * 3 + k: token t's k-th expert (k = 2: the shared expert)
+    assert offsets.tolist() == [0, 2, 3, 6, 9]
+    assert rows.tolist() == [1, 6, 4, 0, 3, 7, 2, 5, 8]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n, k, n_routed, n_shared", [
+    (1, 6, 64, 2), (7, 6, 64, 2), (170, 6, 64, 2), (64, 6, 160, 2), (33, 2, 8, 0), (5, 1, 4, 1)])
+def test_triton_moe_align_against_reference(n, k, n_routed, n_shared):
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        idx = _expert_load(n, k, n_routed, g, skew=0.5).cuda()
+        rows, offsets = moe_align(idx, n_routed, n_shared)
+        want_rows, want_offsets = moe_align_reference(idx.cpu(), n_routed, n_shared)
+        assert torch.equal(offsets.cpu(), want_offsets)
+        assert torch.equal(rows.cpu(), want_rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("overrides", [
+    {},  # V2-Lite: greedy over 64 experts
+    {"norm_topk_prob": True},
+    {"n_routed_experts": 160, "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3,
+     "routed_scaling_factor": 16.0, "hidden_size": 1024},  # V2's device-limited routing (a narrower d)
+])
+@pytest.mark.parametrize("n", [1, 37])
+def test_triton_moe_route_against_gate(overrides, n):
+    import dataclasses
+    from dsv2.config import preset
+
+    config = dataclasses.replace(preset("deepseek-v2-lite"), **overrides)
+    for seed in range(2):
+        torch.manual_seed(seed)
+        gate = Gate(config).cuda()
+        torch.nn.init.normal_(gate.weight, std=0.05)
+        x = torch.randn(n, config.hidden_size, device="cuda")
+        with torch.no_grad():
+            want = gate(x)
+            got = gate(x, fused=True)
+        torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+        # the same experts, in whatever order
+        order_got, order_want = got.topk_idx.sort(1), want.topk_idx.sort(1)
+        assert torch.equal(order_got.values, order_want.values)
+        torch.testing.assert_close(got.topk_weight.gather(1, order_got.indices),
+                                   want.topk_weight.gather(1, order_want.indices), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n_experts, k, n", [
-    (64, 2048, 1408), (64, 1408, 2048),  # V2-Lite's gate/up and down projections
-    (8, 144, 80),  # a K tail past BLOCK_K and N short of BLOCK_N
+@pytest.mark.parametrize("n, k, n_experts, inter, dim, n_shared, skew", [
+    (1, 6, 64, 1408, 2048, 2, 0.0),  # V2-Lite, batch 1
+    (64, 6, 64, 1408, 2048, 2, 0.3),  # V2-Lite, batch 64, one hot expert
+    (40, 1, 64, 144, 80, 0, 1.0),  # every token on expert 3: 40 rows in 16-row tiles; K, N tails
+    (9, 4, 8, 48, 96, 1, 0.5),
 ])
-@pytest.mark.parametrize("block_m", [None, 16, 64])  # 40 rows: 3 row tiles, or 1
-def test_triton_moe_gemm_against_reference(n_experts, k, n, block_m, dtype):
+def test_triton_fused_experts_against_reference(n, k, n_experts, inter, dim, n_shared, skew, dtype):
     for seed in range(2):  # fresh inputs each time
-        x, w_gate, w_up, offsets, rows = _moe_case(n_experts, k, n, seed, "cuda", dtype, extra_rows=5)
-        clean = (w_gate.nan_to_num(), w_up.nan_to_num())
-        for got, want in [
-            (moe_gemm(x, w_gate, offsets, block_m=block_m), moe_gemm_reference(x, clean[0], offsets)),
-            (moe_gemm_swiglu(x, w_gate, w_up, offsets, block_m=block_m),
-             moe_gemm_swiglu_reference(x, *clean, offsets)),
-        ]:
-            assert got.dtype == dtype and got.shape == (rows + 5, n)
-            got, want = got[:rows].double(), want[:rows].double()  # rows past offsets[E]: unwritten
-            assert torch.isfinite(got).all()
-            # the same stored values, fp32 accumulation on both sides: bf16 differs by its output rounding
-            assert ((got - want).norm() / want.norm()) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+        x, idx, weight, w_gate, w_up, w_down, shared, idle = _experts_case(
+            n, k, n_experts, inter, dim, n_shared, seed, "cuda", dtype, skew)
+        got = fused_experts(x, idx, weight, w_gate, w_up, w_down, shared)
+        clean = [w.nan_to_num() for w in (w_gate, w_up, w_down)]
+        want = fused_experts_reference(x.double(), idx, weight.double(), *(w.double() for w in clean),
+                                       None if shared is None else tuple(w.double() for w in shared))
+        assert got.dtype == dtype and got.shape == (n, dim)
+        assert torch.isfinite(got).all()  # no idle expert's (NaN) weights were read
+        err = (got.double() - want).norm() / want.norm()
+        assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_experts_decode_batch_takes_triton_and_matches_reference(monkeypatch):
+def test_moe_decode_batch_takes_fused_path_and_matches_reference(monkeypatch):
+    import dataclasses
+    from dsv2.config import preset
     from dsv2.model import moe
 
     calls = []
-    monkeypatch.setattr(moe, "moe_gemm_swiglu", lambda *a, **kw: calls.append(1) or moe_gemm_swiglu(*a, **kw))
+    monkeypatch.setattr(moe, "fused_experts", lambda *a, **kw: calls.append(1) or fused_experts(*a, **kw))
+    config = dataclasses.replace(preset("dsv2-tiny"), hidden_size=256, moe_intermediate_size=128)
     torch.manual_seed(0)
-    experts = Experts(16, 256, 128)
-    for p in experts.parameters():
+    layer = MoE(config)
+    for p in layer.parameters():
         p.data.normal_(0, 256 ** -0.5)
-    n, k = 8, 6  # a decode step: 8 sequences, 48 rows over 16 experts
-    x = torch.randn(n, 256)
-    idx = torch.stack([torch.randperm(16)[:k] for _ in range(n)])
-    idx[:4, 0] = 3  # an uneven load; some experts go unused
-    weight = torch.rand(n, k)
+    x = torch.randn(8, 1, 256)  # a decode step: 8 sequences
     with torch.no_grad():
-        want = experts.double().reference(x.double(), idx, weight.double())
-        got = experts.to("cuda", torch.bfloat16)(x.cuda().bfloat16(), idx.cuda(), weight.cuda())
-    assert calls, "the decode-sized batch did not take the Triton path"
-    assert got.dtype == torch.bfloat16
+        want, route = layer.double()(x.double())
+        layer = layer.to("cuda", torch.bfloat16)
+        got, fused_route = layer(x.cuda().bfloat16())
+    assert calls, "the decode-sized batch did not take the fused path"
+    assert got.dtype == torch.bfloat16 and fused_route.scores.shape == route.scores.shape
     assert ((got.double().cpu() - want).norm() / want.norm()) < 2e-2

@@ -15,11 +15,12 @@ import torch
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .cache import BlockManager, PagedLatentCache
+from .host import to_device
 from .params import SamplingParams
 from .runner import ModelRunner
 from .sampler import Detokenizer, RowState, Sampler, check_stop, make_generator
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import PENDING, Sequence, Status
 
 
 @dataclass
@@ -56,6 +57,21 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs (nor compilation) for decode steps
     compile: bool = True  # torch.compile the captured decode step
     compile_prefill: bool = False  # and the prefill step (recompiles for new batch shapes)
+    async_scheduling: bool = True  # launch each step before processing the previous one's tokens
+
+
+@dataclass
+class _Step:
+    """A launched step: what its host-side processing needs once its tokens are back."""
+
+    items: list[tuple[Sequence, int]]
+    computed: list[int]  # each item's num_computed_tokens after the step
+    seqs: list[Sequence]  # the sampled rows' sequences
+    slots: list[int]  # where each one's token goes in its output_token_ids
+    token_ids: torch.Tensor | None = None  # [S] on the device
+    host: torch.Tensor | None = None  # [2, S] token ids and logprobs, copied back without blocking
+    ready: torch.cuda.Event | None = None
+    top_logprobs: list | None = None
 
 
 class LLMEngine:
@@ -78,7 +94,7 @@ class LLMEngine:
         # one block more than the manager hands out: the runner's scratch block for padding writes
         self.pages = PagedLatentCache(mc, num_blocks + 1, cfg.block_size, param.device, cache_dtype)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
         self.runner = ModelRunner(self.model, self.pages, cfg.max_num_seqs, self.max_model_len,
                                   cuda_graphs=not cfg.enforce_eager, compile=cfg.compile,
                                   compile_prefill=cfg.compile_prefill)
@@ -87,6 +103,7 @@ class LLMEngine:
         self.prompts: dict[str, str | None] = {}
         self._ids = itertools.count()
         self._arrival = itertools.count()
+        self._inflight: _Step | None = None
 
     def _size_cache(self, device: torch.device, dtype: torch.dtype) -> int:
         bs, mc = self.cfg.block_size, self.model.config
@@ -131,61 +148,114 @@ class LLMEngine:
         self.prompts.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests)  # a request whose token is in flight is still among them
 
     # --- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return an output for every request that made progress."""
+        """Run one scheduled batch; return an output for every request that made progress.
+
+        With async scheduling a step launches its batch and, while the GPU runs it, reads back and
+        processes the previous step's tokens: outputs come one step late, and a decode row whose
+        input is the token still in flight takes it on the device. A batch that reads token
+        history on the host (penalties) or asks for top logprobs runs synchronously."""
         batch = self.scheduler.schedule()
+        sync = not self.cfg.async_scheduling or any(
+            seq.params.has_penalties or seq.params.logprobs is not None for seq, _ in batch.items)
+        outputs, was_inflight = [], self._inflight is not None
+        if self._inflight is not None and (sync or not batch.items):
+            outputs, self._inflight = self._process(self._inflight), None
         if not batch.items:
-            if self.scheduler.running or self.scheduler.waiting:
+            if not was_inflight and (self.scheduler.running or self.scheduler.waiting):
                 raise RuntimeError("the KV cache is too small to run even one sequence")
-            return []
-        logits = self.runner.run(batch.items)
-        sampling_rows = []
-        for i, (seq, n) in enumerate(batch.items):
+            return outputs
+        launched = self._launch(batch.items)
+        if self._inflight is not None:  # overlaps the batch just launched
+            outputs = self._process(self._inflight)
+        self._inflight = None
+        if sync:
+            return outputs + self._process(launched)
+        self._inflight = launched
+        return outputs
+
+    def _launch(self, items: list[tuple[Sequence, int]]) -> _Step:
+        """Run the model over the batch and sample; the tokens stay on the device, their places in
+        each sequence held by PENDING."""
+        pending = None
+        if self._inflight is not None:
+            pending = (self._inflight.token_ids, {seq.seq_id: j for j, seq in enumerate(self._inflight.seqs)})
+        logits = self.runner.run(items, pending)
+        step = _Step(items=items, computed=[], seqs=[], slots=[])
+        for i, (seq, n) in enumerate(items):
             seq.num_computed_tokens += n
-            self.blocks.cache_full_blocks(seq.block_table, seq.all_token_ids, seq.num_computed_tokens)
+            step.computed.append(seq.num_computed_tokens)
             if seq.num_computed_tokens == seq.num_tokens:  # prompt (or recompute) done: sample
-                sampling_rows.append(i)
-        touched: dict[str, list[str]] = {}
-        if sampling_rows:
-            seqs = [batch.items[i][0] for i in sampling_rows]
-            out = self.sampler(logits[sampling_rows], [
+                step.seqs.append(seq)
+        if step.seqs:
+            rows = [i for i, (seq, _) in enumerate(items) if seq.num_computed_tokens == seq.num_tokens]
+            if len(rows) < len(items):
+                logits = logits[to_device(rows, logits.device)]
+            out = self.sampler(logits, [
                 RowState(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, self.eos_token_id)
-                for s in seqs])
-            tokens, logprobs = out.token_ids.tolist(), out.logprobs.tolist()  # the step's one sync
-            for j, seq in enumerate(seqs):
-                token = tokens[j]
-                seq.output_token_ids.append(token)
-                if seq.params.logprobs is not None:
-                    seq.logprobs.append(out.top_logprobs[j] if out.top_logprobs else None)
-                seq.cumulative_logprob += logprobs[j]
-                new_text, stop_str = seq.detokenizer.push(token) if seq.detokenizer else ("", None)
-                reason = "stop" if stop_str is not None else check_stop(
-                    seq.params, token, len(seq.output_token_ids), self.eos_token_id)
-                if reason is None and seq.num_tokens >= self.max_model_len:
-                    reason = "length"
-                if reason is not None:
-                    if stop_str is None and seq.detokenizer:
-                        new_text += seq.detokenizer.flush()
-                        stop_str = seq.detokenizer.stopped_by  # a stop string completed at the flush
-                        reason = "stop" if stop_str is not None else reason
-                    seq.stop_reason = stop_str if stop_str is not None else (
-                        token if token in (seq.params.stop_token_ids or []) else None)
-                    self.scheduler.finish(seq, reason)
-                seq.text += new_text
-                touched.setdefault(seq.request_id, [""] * seq.params.n)[seq.index] += new_text
+                for s in step.seqs])
+            step.token_ids, step.top_logprobs = out.token_ids, out.top_logprobs
+            step.host = torch.stack([out.token_ids.double(), out.logprobs.double()]).to("cpu", non_blocking=True)
+            if logits.is_cuda:
+                step.ready = torch.cuda.Event()
+                step.ready.record()
+            for seq in step.seqs:
+                step.slots.append(len(seq.output_token_ids))
+                seq.output_token_ids.append(PENDING)
+        return step
+
+    def _process(self, step: _Step) -> list[RequestOutput]:
+        """The host's side of a launched step: its tokens read back (the one sync), prefix-cache
+        registration, detokenization, stop checks."""
+        bs = self.cfg.block_size
+        for (seq, n), computed in zip(step.items, step.computed):
+            # a block filled up, and the sequence still holds it (not finished or preempted since)
+            if computed // bs > (computed - n) // bs and seq.status is Status.RUNNING \
+                    and seq.num_computed_tokens >= computed:
+                self.blocks.cache_full_blocks(seq.block_table, seq.all_token_ids, computed)
+        if not step.seqs:
+            return []
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens, logprobs = step.host.tolist()
+        touched: dict[str, list[str]] = {}
+        for j, (seq, slot) in enumerate(zip(step.seqs, step.slots)):
+            if seq.finished:  # ended (or aborted) while this step was in flight: its token is void
+                continue
+            token = int(tokens[j])
+            seq.output_token_ids[slot] = token
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(step.top_logprobs[j] if step.top_logprobs else None)
+            seq.cumulative_logprob += logprobs[j]
+            new_text, stop_str = seq.detokenizer.push(token) if seq.detokenizer else ("", None)
+            reason = "stop" if stop_str is not None else check_stop(seq.params, token, slot + 1, self.eos_token_id)
+            if reason is None and len(seq.prompt_token_ids) + slot + 1 >= self.max_model_len:
+                reason = "length"
+            if reason is not None:
+                if stop_str is None and seq.detokenizer:
+                    new_text += seq.detokenizer.flush()
+                    stop_str = seq.detokenizer.stopped_by  # a stop string completed at the flush
+                    reason = "stop" if stop_str is not None else reason
+                seq.stop_reason = stop_str if stop_str is not None else (
+                    token if token in (seq.params.stop_token_ids or []) else None)
+                del seq.output_token_ids[slot + 1:]  # a token the next step has in flight
+                self.scheduler.finish(seq, reason)
+            seq.text += new_text
+            touched.setdefault(seq.request_id, [""] * seq.params.n)[seq.index] += new_text
         return [self._output(rid, texts) for rid, texts in touched.items()]
 
     def _output(self, request_id: str, new_text: list[str]) -> RequestOutput:
         seqs = self.requests[request_id]
         finished = all(s.finished for s in seqs)
-        outputs = [CompletionOutput(s.index, s.text, list(s.output_token_ids),
+        outputs = [CompletionOutput(s.index, s.text, s.resolved_output_ids,
                                     s.cumulative_logprob if s.params.logprobs is not None else None,
                                     list(s.logprobs) if s.params.logprobs is not None else None,
                                     s.finish_reason, s.stop_reason) for s in seqs]
-        out = RequestOutput(request_id, self.prompts[request_id], list(seqs[0].prompt_token_ids), outputs,
+        # the prompt's list itself, not a copy per step: the engine never changes it
+        out = RequestOutput(request_id, self.prompts[request_id], seqs[0].prompt_token_ids, outputs,
                             finished, seqs[0].num_cached_tokens, new_text)
         if finished:
             del self.requests[request_id]

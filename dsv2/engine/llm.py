@@ -40,6 +40,7 @@ class LLM:
         num_blocks: int | None = None,
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
+        async_scheduling: bool = True,
     ):
         if kv_cache_dtype not in _KV_DTYPES:
             raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: expected one of {', '.join(_KV_DTYPES)}")
@@ -52,7 +53,8 @@ class LLM:
         cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                            num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization,
-                           enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager)
+                           enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+                           async_scheduling=async_scheduling)
         self.engine = LLMEngine(self.model, self.tokenizer, cfg, _KV_DTYPES[kv_cache_dtype])
         self._ids = itertools.count()
 

@@ -22,9 +22,10 @@ import torch
 from ..model import Transformer
 from ..model.moe import grouped_mm_supported
 from .cache import PagedLatentCache
+from .host import host_tensor, to_device
 from .kernels.mha_decode import mha_decode
 from .kernels.mla_decode import mla_decode
-from .sequence import Sequence
+from .sequence import PENDING, Sequence
 
 
 # The decode kernels as custom ops (like the cache write, cache.store_rows): torch.compile treats
@@ -99,6 +100,14 @@ class StepInputs:
     rows: int
     width: int
     table_width: int
+    # [2, P]: token places in `packed` filled on the device from the step in flight, and which of
+    # its sampled tokens goes there (async scheduling)
+    patch: torch.Tensor | None = None
+
+    def fill_pending(self, packed: torch.Tensor, in_flight: torch.Tensor | None) -> None:
+        if self.patch is not None:
+            patch = self.patch.to(packed.device, non_blocking=True)
+            packed.index_copy_(0, patch[0], in_flight[patch[1]])
 
     def views(self, packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
         r, w, tw = self.rows, self.width, self.table_width
@@ -117,8 +126,11 @@ def _token_ids(seq: Sequence, start: int, n: int) -> list[int]:
 
 
 def pack_inputs(items: list[tuple[Sequence, int]], rows: int, width: int, table_width: int,
-                block_size: int, scratch: int) -> StepInputs:
-    """Rows beyond len(items) and positions beyond a row's chunk are padding aimed at the scratch block."""
+                block_size: int, scratch: int, pending: dict[int, int] | None = None,
+                device: torch.device = torch.device("cpu")) -> StepInputs:
+    """Rows beyond len(items) and positions beyond a row's chunk are padding aimed at the scratch block.
+    `pending` maps a sequence whose input token is still in flight to that token's row in the
+    launched step's samples."""
     pad_slot = scratch * block_size
     tokens: list[int] = []
     positions: list[int] = []
@@ -126,9 +138,14 @@ def pack_inputs(items: list[tuple[Sequence, int]], rows: int, width: int, table_
     tables: list[int] = []
     context: list[int] = []
     last: list[int] = []
-    for seq, n in items:
+    patch: list[tuple[int, int]] = []
+    for row, (seq, n) in enumerate(items):
         start, table, pad = seq.num_computed_tokens, seq.block_table, width - n
-        tokens += _token_ids(seq, start, n) + [0] * pad
+        ids = _token_ids(seq, start, n)
+        if ids[-1] == PENDING:  # only ever a decode row's one token
+            patch.append((row * width, pending[seq.seq_id]))
+            ids = [0]
+        tokens += ids + [0] * pad
         span = range(start, start + n)
         positions += [*span] + [0] * pad
         slots += [table[p // block_size] * block_size + p % block_size for p in span] + [pad_slot] * pad
@@ -142,8 +159,9 @@ def pack_inputs(items: list[tuple[Sequence, int]], rows: int, width: int, table_
     tables += [scratch] * (extra * table_width)
     context += [1] * extra
     last += [0] * extra
-    packed = torch.tensor(tokens + positions + slots + tables + context + last, dtype=torch.long)
-    return StepInputs(packed, rows, width, table_width)
+    packed = host_tensor(tokens + positions + slots + tables + context + last, device)
+    patch = host_tensor([d for d, _ in patch] + [j for _, j in patch], device).view(2, -1) if patch else None
+    return StepInputs(packed, rows, width, table_width, patch)
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -168,8 +186,9 @@ class DecodeGraph:
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = runner.decode_step(*self.layout.views(self.packed))
 
-    def replay(self, inputs: StepInputs) -> torch.Tensor:
+    def replay(self, inputs: StepInputs, in_flight: torch.Tensor | None) -> torch.Tensor:
         self.packed.copy_(inputs.packed, non_blocking=True)
+        inputs.fill_pending(self.packed, in_flight)
         self.graph.replay()
         return self.logits
 
@@ -219,8 +238,11 @@ class ModelRunner:
         return self.model(tokens, positions, valid, cache, slots, absorb=decode, output_index=last)
 
     @torch.inference_mode()
-    def run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
+    def run(self, items: list[tuple[Sequence, int]],
+            pending: tuple[torch.Tensor, dict[int, int]] | None = None) -> torch.Tensor:
         """Compute each item's next tokens; return the logits [B, V] (fp32) at each row's last token.
+        `pending`: the launched step's sampled tokens [S] on the device, and for each sequence
+        (by seq_id) whose input token is among them, its row there.
 
         A step mixing single-token rows (decodes) with prefill chunks runs them as two batches:
         padded into one rectangle, every decode row would cost as much as the longest chunk."""
@@ -229,11 +251,12 @@ class ModelRunner:
             chunks = [i for i, (_, n) in enumerate(items) if n > 1]
             logits = torch.empty(len(items), self.model.config.vocab_size, device=self.device)
             for rows in (single, chunks):
-                logits[torch.tensor(rows, device=self.device)] = self._run([items[i] for i in rows])
+                logits[to_device(rows, self.device)] = self._run([items[i] for i in rows], pending)
             return logits
-        return self._run(items)
+        return self._run(items, pending)
 
-    def _run(self, items: list[tuple[Sequence, int]]) -> torch.Tensor:
+    def _run(self, items: list[tuple[Sequence, int]], pending: tuple[torch.Tensor, dict[int, int]] | None) -> torch.Tensor:
+        in_flight, rows_of = pending if pending is not None else (None, None)
         bs = self.pages.block_size
         width = max(n for _, n in items)
         table_width = max(len(seq.block_table) for seq, _ in items)
@@ -243,15 +266,17 @@ class ModelRunner:
             # table widths in powers of two: the kernel's split count follows the width, so a graph
             # for the longest context allowed would split short contexts too thinly
             table_width = min(max(16, 1 << (table_width - 1).bit_length()), max(self.max_table_width, table_width))
-            inputs = pack_inputs(items, size, 1, table_width, bs, self.scratch)
+            inputs = pack_inputs(items, size, 1, table_width, bs, self.scratch, rows_of, self.device)
             graph = self.graphs.get((size, table_width))
             if graph is None:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 graph = self.graphs[(size, table_width)] = DecodeGraph(self, inputs, self._pool)
-            return graph.replay(inputs)[:rows].float()
-        inputs = pack_inputs(items, rows, width, table_width, bs, self.scratch)
-        views = inputs.views(inputs.packed.to(self.device))
+            return graph.replay(inputs, in_flight)[:rows].float()
+        inputs = pack_inputs(items, rows, width, table_width, bs, self.scratch, rows_of, self.device)
+        packed = inputs.packed.to(self.device, non_blocking=True)
+        inputs.fill_pending(packed, in_flight)
+        views = inputs.views(packed)
         logits = self.forward(views, decode=True) if width == 1 else self.prefill_step(*views)
         return logits.float()
 

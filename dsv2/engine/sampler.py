@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..tokenizer import StreamDecoder, Tokenizer
+from .host import to_device
 from .params import SamplingParams
 
 
@@ -72,8 +73,9 @@ class Sampler:
         token_ids = processed.argmax(dim=-1)  # the greedy rows' answer; sampled rows overwrite it
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
-            probs = processed[sampled].softmax(dim=-1)
-            token_ids[sampled] = self._draw(probs, [rows[i].generator for i in sampled])
+            index = to_device(sampled, logits.device)
+            probs = processed[index].softmax(dim=-1)
+            token_ids[index] = self._draw(probs, [rows[i].generator for i in sampled])
 
         chosen_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         top_logprobs = [None] * len(rows)
@@ -100,26 +102,30 @@ class Sampler:
         if not sampled:
             return logits
         everyone = len(sampled) == len(rows)
-        sub = logits if everyone else logits[sampled]
-        params = [rows[i].params for i in sampled]
         device = logits.device
-        sub = sub / torch.tensor([p.temperature for p in params], device=device)[:, None]
+        index = None if everyone else to_device(sampled, device)
+        sub = logits if everyone else logits[index]
+        params = [rows[i].params for i in sampled]
+        sub = sub / to_device([p.temperature for p in params], device, torch.float32)[:, None]
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            top_k = torch.tensor([p.top_k for p in params], device=device)
-            top_p = torch.tensor([p.top_p for p in params], device=device)
+            top_k = to_device([p.top_k for p in params], device)
+            top_p = to_device([p.top_p for p in params], device, torch.float32)
             sub = _top_k_top_p(sub, top_k, top_p)
         if any(p.min_p > 0 for p in params):
-            sub = _min_p(sub, torch.tensor([p.min_p for p in params], device=device))
+            sub = _min_p(sub, to_device([p.min_p for p in params], device, torch.float32))
         if everyone:
             return sub
-        logits[sampled] = sub
+        logits[index] = sub
         return logits
 
     def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         tokens = torch.empty(len(generators), dtype=torch.long, device=probs.device)
         shared = [j for j, g in enumerate(generators) if g is None]
+        if len(shared) == len(generators):
+            return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
         if shared:
-            tokens[shared] = torch.multinomial(probs[shared], 1, generator=self.generator).squeeze(1)
+            index = to_device(shared, probs.device)
+            tokens[index] = torch.multinomial(probs[index], 1, generator=self.generator).squeeze(1)
         for j, g in enumerate(generators):
             if g is not None:
                 tokens[j] = torch.multinomial(probs[j], 1, generator=g)[0]
@@ -137,7 +143,7 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[RowState]) -> None:
     output_counts = _counts([rows[i].output_ids for i in which], vocab, device)
 
     def column(name: str) -> torch.Tensor:
-        return torch.tensor([getattr(rows[i].params, name) for i in which], device=device)[:, None]
+        return to_device([getattr(rows[i].params, name) for i in which], device, torch.float32)[:, None]
 
     sub = logits[which]
     # Repetition (CTRL, Keskar et al. 2019): seen tokens get less likely whatever their sign.
@@ -173,7 +179,7 @@ def _min_tokens_banned(row: RowState) -> list[int]:
 def _apply_min_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> None:
     pairs = [(i, t) for i, r in enumerate(rows) for t in _min_tokens_banned(r) if t < logits.shape[1]]
     if pairs:
-        index = torch.tensor(pairs, device=logits.device).T
+        index = to_device(pairs, logits.device).T
         logits[index[0], index[1]] = float("-inf")
 
 

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .cache import BlockManager
-from .sequence import Sequence, Status
+from .sequence import PENDING, Sequence, Status
 
 
 @dataclass
@@ -27,8 +27,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int | None = None):
         self.blocks = blocks
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -60,6 +62,8 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.arrival):
             if seq.status is not Status.RUNNING or budget == 0:  # preempted earlier in this loop
                 continue
+            if self._ends_with_pending(seq):
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_append(seq.block_table, seq.num_computed_tokens + n):
                 victim = max(self.running, key=lambda s: s.arrival)
@@ -85,6 +89,14 @@ class Scheduler:
             items.append((seq, n))
             budget -= n
         return ScheduledBatch(items, preempted)
+
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        """The token a launched step has in flight is this sequence's last by length: computing
+        after it would be waste (it finishes when that token is read back)."""
+        out = seq.output_token_ids
+        return bool(out) and out[-1] == PENDING and (
+            len(out) >= seq.params.max_tokens
+            or (self.max_model_len is not None and seq.num_tokens >= self.max_model_len))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 import torch
 
 
+# In a sequence's output_token_ids: a token sampled by a launched step, not yet read back.
+PENDING = -1
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -39,6 +43,12 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def resolved_output_ids(self) -> list[int]:
+        """The output tokens read back so far (without one still in flight)."""
+        out = self.output_token_ids
+        return out[:-1] if out and out[-1] == PENDING else list(out)
 
     @property
     def num_tokens(self) -> int:

@@ -1,9 +1,11 @@
 """DeepSeekMoE: always-on shared experts plus fine-grained routed experts chosen by a softmax gate.
 
 Routed experts are stored stacked ([E, out, in], the per-expert checkpoint tensors stacked) and run
-as one grouped matmul over the tokens sorted by expert, so each expert touches only its own tokens
-(decode-sized batches through the Triton kernel in kernels/moe_gemm.py, which streams the weights).
-`Experts.reference` is the per-token, per-expert twin that tests hold the fast path to.
+as one grouped matmul over the tokens sorted by expert, so each expert touches only its own tokens.
+Decode-sized inference batches take the fused path instead: routing in one Triton launch
+(kernels/moe_route.py) and routed plus shared experts in three (kernels/moe_gemm.py), streaming
+each active expert's weights once. `Experts.reference` is the per-token, per-expert twin that tests
+hold the fast paths to.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .kernels.moe_gemm import moe_gemm, moe_gemm_supported, moe_gemm_swiglu
+from .kernels.moe_gemm import fused_experts, moe_gemm_supported
+from .kernels.moe_route import MAX_ALIGN, moe_route
 
 
 class MLP(nn.Module):
@@ -89,8 +92,14 @@ class Gate(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        """x [N, d] -> scores, selection and weights, all routing math in fp32."""
+    def forward(self, x: torch.Tensor, fused: bool = False) -> RouterOutput:
+        """x [N, d] -> scores, selection and weights, all routing math in fp32. `fused`: in one
+        Triton launch (CUDA inference; the same math, summed in another order)."""
+        if fused:
+            grouped = self.topk_method == "group_limited_greedy"
+            return RouterOutput(*moe_route(x, self.weight, self.top_k, self.n_group if grouped else 1,
+                                           self.topk_group if grouped else 1, self.norm_topk_prob,
+                                           self.routed_scaling_factor))
         scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         choice = scores
         if self.topk_method == "group_limited_greedy":
@@ -179,29 +188,8 @@ class Experts(nn.Module):
             0, flat, torch.ones_like(flat))
 
     def _ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if self._decode_sized(xs):
-            offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            h = moe_gemm_swiglu(xs, self.gate_proj, self.up_proj, offsets)
-            return moe_gemm(h, self.down_proj, offsets)
         h = F.silu(grouped_mm(xs, self.gate_proj, counts)) * grouped_mm(xs, self.up_proj, counts)
         return grouped_mm(h, self.down_proj, counts)
-
-    # Decode steps (a few rows per expert) are bound by streaming the active experts' weights, which
-    # the CUTLASS grouped GEMM, tiled for large M, does at ~57% of HBM bandwidth on an H100; the
-    # Triton kernel reads each active expert's weights once per row tile of up to 64 rows.
-    # Measured on an H100 (V2-Lite, bench/RESULTS.md): the kernel wins at batch 1-64 (up to ~6 rows
-    # per expert) and loses at batch 256 (~24 rows per expert: 32.7 against 26.0 ms a step), so the
-    # switch sits at 16. Shapes alone decide, so a captured step always takes the same path.
-    # Inference only: the kernel has no backward, and autocast is left to grouped_mm.
-    moe_gemm_max_rows_per_expert = 16
-
-    def _decode_sized(self, xs: torch.Tensor) -> bool:
-        return (
-            moe_gemm_supported(xs, self.gate_proj, self.up_proj, self.down_proj)
-            and xs.shape[0] <= self.moe_gemm_max_rows_per_expert * self.n_experts
-            and not (torch.is_grad_enabled() and (xs.requires_grad or self.gate_proj.requires_grad))
-            and not torch.is_autocast_enabled("cuda")
-        )
 
     def _dropping(self, x, topk_idx, topk_weight, kept) -> torch.Tensor:
         """Training with token dropping: only kept assignments are computed, summed by index_add."""
@@ -237,10 +225,39 @@ class MoE(nn.Module):
         """x [B, S, d]; `drop` applies only in training (never at inference, as in the paper)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        route = self.gate(flat)
+        fused = self._fused(flat)
+        route = self.gate(flat, fused)
+        if fused:
+            e, s = self.experts, self.shared_experts
+            shared = None if s is None else (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+            y = fused_experts(flat, route.topk_idx, route.topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared)
+            return y.view(shape), route
         if drop is not None and self.training:
             route.kept = capacity_mask(route, self.gate.n_experts, shape[0], drop)
         y = self.experts(flat, route.topk_idx, route.topk_weight, route.kept).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y, route
+
+    # Decode steps (a few rows per expert) are bound by streaming the active experts' weights, which
+    # the CUTLASS grouped GEMM, tiled for large M, does at ~57% of HBM bandwidth on an H100; the
+    # Triton kernels read each active expert's weights once per row tile of up to 64 rows and skip
+    # the routing's dozen small launches. Measured on an H100 (V2-Lite, bench/RESULTS.md): the
+    # Triton GEMM wins at batch 1-64 (up to ~6 rows per expert) and loses at batch 256 (~24 rows per
+    # expert), so the switch sits at 16. Shapes alone decide, so a captured step always takes the
+    # same path. Inference only: the kernels have no backward; under autocast the weights are fp32.
+    fused_max_rows_per_expert = 16
+
+    def _fused(self, flat: torch.Tensor) -> bool:
+        e, s = self.experts, self.shared_experts
+        weights = [e.gate_proj, e.up_proj, e.down_proj] + ([] if s is None else [p for p in s.parameters()])
+        k = self.gate.top_k
+        n_shared = 0 if s is None else s.gate_proj.weight.shape[0] // e.gate_proj.shape[1]
+        return (
+            moe_gemm_supported(flat, *weights)
+            and flat.shape[0] * k <= self.fused_max_rows_per_expert * e.n_experts
+            and flat.shape[0] * (k + n_shared) <= MAX_ALIGN
+            and not (torch.is_grad_enabled() and (flat.requires_grad or any(w.requires_grad for w in weights)))
+            and not torch.is_autocast_enabled("cuda")
+        )
+

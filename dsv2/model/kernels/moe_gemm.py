@@ -1,7 +1,7 @@
 """Grouped GEMM over the routed experts for few rows per expert (the decode regime).
 
-x [M, K] holds the (token, expert) rows sorted by expert; expert e owns rows offsets[e]:offsets[e+1]:
-    out[offsets[e]:offsets[e+1]] = x[offsets[e]:offsets[e+1]] @ w[e]^T              (w [E, N, K])
+The (token, expert) rows are sorted by expert; expert e owns sorted rows offsets[e]:offsets[e+1]:
+    out[rows of e] = x[rows of e] @ w[e]^T              (w [E, N, K])
 and the fused SwiGLU form, since gate and up read the same rows:
     out = silu(x @ W_gate[e]^T) * (x @ W_up[e]^T)
 With a handful of rows per expert the work is streaming the active experts' weights: each program
@@ -9,12 +9,20 @@ owns one expert's BLOCK_N output columns, reads that weight block once per row t
 the regime this is for) and skips idle experts without touching their weights. The row ranges are
 read on the device and every launch parameter comes from shapes, so a step that calls this never
 syncs with the host and can be captured in a CUDA graph.
+
+`fused_experts` is a whole MoE layer's experts in three launches: the (token, expert) assignments
+sorted by expert (kernels/moe_route.py), then the SwiGLU GEMM reading each sorted row's token from
+x directly, then the down GEMM writing each row, scaled by its gate value, back to its (token, k)
+place. The shared experts ride along as further experts that every token takes with weight 1, so
+their weights stream in the same launches.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .moe_route import moe_align
 
 try:
     import triton
@@ -23,95 +31,122 @@ except ImportError:  # CPU-only installs run the reference
     triton = None
 
 
-def moe_gemm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch, fp32: x [M, K], w [E, N, K], offsets [E + 1] -> [M, N] in x.dtype
-    (rows past offsets[E] are zero)."""
-    out = torch.zeros(x.shape[0], w.shape[1], dtype=torch.float32, device=x.device)
-    bounds = offsets.tolist()
-    for e in range(w.shape[0]):
-        a, b = bounds[e], bounds[e + 1]
-        if b > a:
-            out[a:b] = x[a:b].float() @ w[e].float().T
+def fused_experts_reference(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared=None) -> torch.Tensor:
+    """Plain PyTorch, fp32, one (token, expert) pair at a time: sum_k g_k FFN_{idx_k}(x) + shared(x)."""
+    xf = x.float()
+    out = torch.zeros_like(xf)
+    for t in range(x.shape[0]):
+        for e, g in zip(topk_idx[t].tolist(), topk_weight[t].tolist()):
+            h = F.silu(xf[t] @ w_gate[e].float().T) * (xf[t] @ w_up[e].float().T)
+            out[t] += g * (h @ w_down[e].float().T)
+    if shared is not None:
+        sg, su, sd = (w.float() for w in shared)
+        out += (F.silu(xf @ sg.T) * (xf @ su.T)) @ sd.T
     return out.to(x.dtype)
-
-
-def moe_gemm_swiglu_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
-                              offsets: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch, fp32: silu(x @ W_gate[e]^T) * (x @ W_up[e]^T) per segment, in x.dtype."""
-    gate = moe_gemm_reference(x.float(), w_gate, offsets)
-    up = moe_gemm_reference(x.float(), w_up, offsets)
-    return (F.silu(gate) * up).to(x.dtype)
 
 
 if triton is not None:
 
     @triton.jit
     def _moe_gemm_kernel(
-        x_ptr, w_ptr, w_up_ptr, out_ptr, offsets_ptr, N, K,
-        stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+        x_ptr, w_ptr, w_up_ptr, ws_ptr, ws_up_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr,
+        N, K, n_routed, x_group, top_k,
+        stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SWIGLU: tl.constexpr, PRECISION: tl.constexpr,
+        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        # Weights are [E, N, K] with K contiguous; experts past n_routed (the shared ones) come from
+        # ws_ptr with their own strides. GATHER: sorted row p reads x[rows[p] // x_group].
+        # SCATTER: sorted row p writes, in fp32 and times its gate value, to out[rows[p]], where
+        # rows[p] = token * x_group + k and the gate value is scale[token, k] (1 past top_k).
         e = tl.program_id(0)
         pid_n = tl.program_id(1)
         start = tl.load(offsets_ptr + e).to(tl.int32)
         end = tl.load(offsets_ptr + e + 1).to(tl.int32)
         if end <= start:
             return  # an idle expert: its weights are never read
+        if e < n_routed:
+            w_base = w_ptr + e.to(tl.int64) * stride_we
+            u_base = w_up_ptr + e.to(tl.int64) * stride_we
+            stride_n = stride_wn
+        else:
+            w_base = ws_ptr + (e - n_routed).to(tl.int64) * stride_se
+            u_base = ws_up_ptr + (e - n_routed).to(tl.int64) * stride_se
+            stride_n = stride_sn
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         n_mask = offs_n < N
         # the weight tile is loaded as [BLOCK_K, BLOCK_N], i.e. w[e]^T, straight from [N, K] storage
-        w_off = e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        w_off = offs_k[:, None] + offs_n[None, :].to(tl.int64) * stride_n
         n_tiles = tl.cdiv(end - start, BLOCK_M)
         for t in range(n_tiles):
             rows = start + t * BLOCK_M + offs_m
             row_mask = rows < end
-            x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            if GATHER or SCATTER:
+                assignment = tl.load(rows_ptr + rows, mask=row_mask, other=0)
+            if GATHER:
+                x_rows = assignment // x_group
+            else:
+                x_rows = rows
+            x_ptrs = x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # dead unless SWIGLU
             for k0 in range(0, K, BLOCK_K):
                 k_mask = offs_k < K - k0
-                xt = tl.load(x_ptrs + k0 * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                xt = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                 w_mask = k_mask[:, None] & n_mask[None, :]
-                wt = tl.load(w_ptr + w_off + k0 * stride_wk, mask=w_mask, other=0.0)
+                wt = tl.load(w_base + w_off + k0, mask=w_mask, other=0.0)
                 acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
                 if SWIGLU:  # the up projection's tile in the same pass over K: x is read once
-                    ut = tl.load(w_up_ptr + w_off + k0 * stride_wk, mask=w_mask, other=0.0)
+                    ut = tl.load(u_base + w_off + k0, mask=w_mask, other=0.0)
                     acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
             if SWIGLU:
                 acc = acc * tl.sigmoid(acc) * acc_up
-            out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+            if SCATTER:
+                token = assignment // x_group
+                k = assignment % x_group
+                g = tl.load(scale_ptr + token * top_k + k, mask=row_mask & (k < top_k), other=1.0)
+                out_ptrs = out_ptr + assignment[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+                tl.store(out_ptrs, acc * g[:, None], mask=row_mask[:, None] & n_mask[None, :])
+            else:
+                out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+                tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
 def moe_gemm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the Triton kernel takes these operands: CUDA, bf16 or fp32 throughout, and K and N
-    multiples of 16 (tl.dot's smallest tile)."""
+    """Whether the Triton kernel takes these operands: CUDA, bf16 or fp32 throughout, K and N
+    multiples of 16 (tl.dot's smallest tile) and K contiguous."""
     return (
         triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float32)
-        and all(w.dtype == x.dtype and w.shape[1] % 16 == 0 and w.shape[2] % 16 == 0 for w in weights)
+        and all(w.dtype == x.dtype and w.shape[-2] % 16 == 0 and w.shape[-1] % 16 == 0 and w.stride(-1) == 1
+                for w in weights)
     )
 
 
-def _launch(x, w, w_up, offsets, block_m):
-    m, k = x.shape
-    n_experts, n, _ = w.shape
-    assert w.shape[2] == k and offsets.shape == (n_experts + 1,), "x [M, K], w [E, N, K], offsets [E + 1]"
+def _block_m(rows: int, n_experts: int) -> int:
+    # from shapes only (graph capture): twice the mean rows per expert, since routing is uneven,
+    # so that most experts fit one row tile; each further tile streams the expert's weight block
+    # again. 16 is tl.dot's minimum; past 64 rows per expert the caller takes the CUTLASS grouped GEMM.
+    return min(64, max(16, triton.next_power_of_2(2 * rows // n_experts)))
+
+
+def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scale=None, top_k=0):
+    """out[M', N] <- the grouped GEMM of x's rows (sorted, or gathered through `rows`) by w [E, N, K]
+    (and, past E, `shared` = (w, w_up) stacked as [S, N, K]-strided views)."""
+    n_routed, n, k = w.shape
+    ws, ws_up = shared if shared is not None else (w, w_up)
+    n_experts = n_routed + (ws.shape[0] if shared is not None else 0)
+    assert offsets.shape == (n_experts + 1,), "offsets [E + 1]"
+    assert x.shape[1] == k and ws.shape[1:] == (n, k), "x [M, K], w [E, N, K]"
     assert w_up is None or w_up.shape == w.shape, "w_gate and w_up must have the same shape"
-    assert x.dtype == w.dtype and (w_up is None or w_up.dtype == w.dtype), \
-        "x and the weights must share a dtype"
+    assert x.dtype == w.dtype == ws.dtype, "x and the weights must share a dtype"
     assert k % 16 == 0 and n % 16 == 0, f"moe_gemm needs K and N multiples of 16, got K={k}, N={n}"
-    out = x.new_empty(m, n)
+    assert x.stride(1) == w.stride(2) == ws.stride(2) == out.stride(1) == 1, "K and N must be contiguous"
+    m = rows.shape[0] if rows is not None else x.shape[0]
     if m == 0:
         return out
-    if block_m is None:
-        # from shapes only (graph capture): twice the mean rows per expert, since routing is
-        # uneven, so that most experts fit one row tile; each further tile streams the expert's
-        # weight block again. 16 is tl.dot's minimum; past 64 rows per expert the caller takes the
-        # CUTLASS grouped GEMM.
-        block_m = min(64, max(16, triton.next_power_of_2(2 * m // n_experts)))
+    block_m = _block_m(m, n_experts)
     # No autotuning (shapes vary per step and tuning would time launches inside a capture), so one
     # choice aimed at streaming: BLOCK_N 64 gives E x N/64 programs (V2-Lite: 64 x 22), enough to
     # fill every SM even when a single token activates only 6 experts; each K step reads a 256-byte
@@ -123,47 +158,71 @@ def _launch(x, w, w_up, offsets, block_m):
     block_k = min(256 // x.element_size(), triton.next_power_of_2(k))
     grid = (n_experts, triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](
-        x, w, w if w_up is None else w_up, out, offsets, n, k,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
+        x, w, w if w_up is None else w_up, ws, ws if ws_up is None else ws_up, out, offsets,
+        offsets if rows is None else rows, out if scale is None else scale,
+        n, k, n_routed, x_group, top_k,
+        x.stride(0), w.stride(0), w.stride(1), ws.stride(0), ws.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWIGLU=w_up is not None,
+        GATHER=rows is not None and scale is None, SCATTER=scale is not None,
         # fp32 gets fp32 dots (not tf32): the fp32 path is the one tests hold to tight bounds
         PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=4, num_stages=3 if w_up is not None else 4)
     return out
 
 
+def _shared_as_experts(shared, inter_dim):
+    """The shared MLP (gate/up [S*I, d], down [d, S*I]) as S experts of width I: views, no copies."""
+    sg, su, sd = shared
+    s = sg.shape[0] // inter_dim
+    as_experts = lambda w: w.view(s, inter_dim, w.shape[1])  # noqa: E731
+    # down's expert j is columns j*I:(j+1)*I of [d, S*I]: strides (I, S*I, 1)
+    down = sd.as_strided((s, sd.shape[0], inter_dim), (inter_dim, sd.stride(0), 1))
+    return (as_experts(sg), as_experts(su)), (down, None), s
+
+
+def _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down):
+    n_tokens, top_k = topk_idx.shape
+    n_routed, inter_dim, dim = w_gate.shape
+    n_shared = 0
+    gate_up_shared = down_shared = None
+    if shared_gate is not None:
+        gate_up_shared, down_shared, n_shared = _shared_as_experts((shared_gate, shared_up, shared_down), inter_dim)
+    group = top_k + n_shared
+    rows, offsets = moe_align(topk_idx, n_routed, n_shared)
+    h = x.new_empty(rows.shape[0], inter_dim)
+    _launch(x, w_gate, w_up, offsets, h, shared=gate_up_shared, rows=rows, x_group=group)
+    out = torch.empty(n_tokens * group, dim, dtype=torch.float32, device=x.device)
+    _launch(h, w_down, None, offsets, out, shared=down_shared, rows=rows, x_group=group,
+            scale=topk_weight.float(), top_k=top_k)
+    return out.view(n_tokens, group, dim)
+
+
 if triton is not None:
     # torch.compile sees the kernels as opaque ops (as the engine's decode kernels): it does not trace
     # the launch, and the shape-derived block sizes are computed from concrete shapes
-    @torch.library.custom_op("dsv2::moe_gemm", mutates_args=())
-    def _moe_gemm_op(x: torch.Tensor, w: torch.Tensor, w_up: torch.Tensor | None, offsets: torch.Tensor,
-                     block_m: int | None) -> torch.Tensor:
-        return _launch(x, w, w_up, offsets, block_m)
+    @torch.library.custom_op("dsv2::fused_experts", mutates_args=())
+    def _fused_experts_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                          w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                          shared_gate: torch.Tensor | None, shared_up: torch.Tensor | None,
+                          shared_down: torch.Tensor | None) -> torch.Tensor:
+        return _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down)
 
-    @_moe_gemm_op.register_fake
-    def _(x, w, w_up, offsets, block_m):
-        return x.new_empty(x.shape[0], w.shape[1])
-
-
-def _dispatch(x, w, w_up, offsets, block_m):
-    if torch.compiler.is_compiling():
-        return _moe_gemm_op(x, w, w_up, offsets, block_m)
-    return _launch(x, w, w_up, offsets, block_m)
+    @_fused_experts_op.register_fake
+    def _(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down):
+        group = topk_idx.shape[1] + (0 if shared_gate is None else shared_gate.shape[0] // w_gate.shape[1])
+        return x.new_empty(x.shape[0], group, x.shape[1], dtype=torch.float32)
 
 
-def moe_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor,
-             block_m: int | None = None) -> torch.Tensor:
-    """Triton on CUDA, the reference elsewhere. x [M, K] sorted by expert, w [E, N, K], offsets [E + 1]
-    -> [M, N] in x.dtype; rows past offsets[E] are left unwritten by the kernel."""
+def fused_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
+                  w_up: torch.Tensor, w_down: torch.Tensor,
+                  shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """A MoE layer's experts for a decode-sized batch, on CUDA: x [N, d], topk_idx [N, K],
+    topk_weight [N, K]; routed SwiGLU experts w_gate/w_up [E, I, d], w_down [E, d, I]; `shared` the
+    shared experts' (gate [S*I, d], up [S*I, d], down [d, S*I]) -> [N, d] in x.dtype:
+    sum_k g_k FFN_{idx_k}(x) + shared(x). The per-(token, expert) outputs come back in fp32 and are
+    summed here, where a compiled caller fuses the sum into what follows."""
     if triton is None or not x.is_cuda:
-        return moe_gemm_reference(x, w, offsets)
-    return _dispatch(x, w, None, offsets, block_m)
-
-
-def moe_gemm_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, offsets: torch.Tensor,
-                    block_m: int | None = None) -> torch.Tensor:
-    """silu(x @ W_gate[e]^T) * (x @ W_up[e]^T) per expert segment, in one kernel: both weights are
-    streamed in the same K loop over the rows' one read. Same conventions as `moe_gemm`."""
-    if triton is None or not x.is_cuda:
-        return moe_gemm_swiglu_reference(x, w_gate, w_up, offsets)
-    return _dispatch(x, w_gate, w_up, offsets, block_m)
+        return fused_experts_reference(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared)
+    parts = (_fused_experts_op if torch.compiler.is_compiling() else _fused_experts)(
+        x, topk_idx, topk_weight, w_gate, w_up, w_down, *(shared if shared is not None else (None,) * 3))
+    return parts.sum(1).to(x.dtype)
