@@ -185,13 +185,14 @@ class LLMEngine:
             pending = (self._inflight.token_ids, {seq.seq_id: j for j, seq in enumerate(self._inflight.seqs)})
         logits = self.runner.run(items, pending)
         step = _Step(items=items, computed=[], seqs=[], slots=[])
+        rows = []
         for i, (seq, n) in enumerate(items):
             seq.num_computed_tokens += n
             step.computed.append(seq.num_computed_tokens)
             if seq.num_computed_tokens == seq.num_tokens:  # prompt (or recompute) done: sample
                 step.seqs.append(seq)
+                rows.append(i)
         if step.seqs:
-            rows = [i for i, (seq, _) in enumerate(items) if seq.num_computed_tokens == seq.num_tokens]
             if len(rows) < len(items):
                 logits = logits[to_device(rows, logits.device)]
             out = self.sampler(logits, [

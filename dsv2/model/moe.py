@@ -218,8 +218,9 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = Gate(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
-        n_shared = config.n_shared_experts or 0
-        self.shared_experts = MLP(config.hidden_size, n_shared * config.moe_intermediate_size) if n_shared else None
+        self.n_shared = config.n_shared_experts or 0
+        self.shared_experts = (MLP(config.hidden_size, self.n_shared * config.moe_intermediate_size)
+                               if self.n_shared else None)
 
     def forward(self, x: torch.Tensor, drop: TokenDropping | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """x [B, S, d]; `drop` applies only in training (never at inference, as in the paper)."""
@@ -252,11 +253,10 @@ class MoE(nn.Module):
         e, s = self.experts, self.shared_experts
         weights = [e.gate_proj, e.up_proj, e.down_proj] + ([] if s is None else [p for p in s.parameters()])
         k = self.gate.top_k
-        n_shared = 0 if s is None else s.gate_proj.weight.shape[0] // e.gate_proj.shape[1]
         return (
             moe_gemm_supported(flat, *weights)
             and flat.shape[0] * k <= self.fused_max_rows_per_expert * e.n_experts
-            and flat.shape[0] * (k + n_shared) <= MAX_ALIGN
+            and flat.shape[0] * (k + self.n_shared) <= MAX_ALIGN
             and not (torch.is_grad_enabled() and (flat.requires_grad or any(w.requires_grad for w in weights)))
             and not torch.is_autocast_enabled("cuda")
         )

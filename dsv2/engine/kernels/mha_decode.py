@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .mla_decode import sequence_rows
+
 try:
     import triton
     import triton.language as tl
@@ -26,11 +28,8 @@ def mha_decode_reference(q, kv, block_tables, context_lens, scale):
     block_tables [B, max_blocks], context_lens [B] -> o [B, H, D]."""
     b, h, d = q.shape
     out = torch.empty(b, h, d, dtype=torch.float32, device=q.device)
-    block_size = kv.shape[1]
     for i in range(b):
-        n = int(context_lens[i])
-        pages = block_tables[i, : (n + block_size - 1) // block_size].long()
-        rows = kv[pages].reshape(-1, kv.shape[-1])[:n].float()  # [n, 2 H D]
+        rows = sequence_rows(kv, block_tables[i], int(context_lens[i]))  # [n, 2 H D]
         k, v = rows.unflatten(-1, (2, h, d)).unbind(1)  # [n, H, D] each
         scores = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale
         out[i] = torch.einsum("hn,nhd->hd", scores.softmax(-1), v)

@@ -22,16 +22,20 @@ except ImportError:  # CPU-only installs run the reference
     triton = None
 
 
+def sequence_rows(kv: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n cached rows of one sequence, [n, width] fp32, from its pages (kv [blocks, block_size, width])."""
+    block_size = kv.shape[1]
+    pages = block_table[: (n + block_size - 1) // block_size].long()
+    return kv[pages].reshape(-1, kv.shape[-1])[:n].float()
+
+
 def mla_decode_reference(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank):
     """Plain PyTorch, fp32: q_latent [B, H, r], q_rope [B, H, dr], kv [num_blocks, block_size, r + dr],
     block_tables [B, max_blocks], context_lens [B] -> o_latent [B, H, r]."""
     b, h, r = q_latent.shape
     out = torch.empty(b, h, r, dtype=torch.float32, device=q_latent.device)
-    block_size = kv.shape[1]
     for i in range(b):
-        n = int(context_lens[i])
-        pages = block_tables[i, : (n + block_size - 1) // block_size].long()
-        rows = kv[pages].reshape(-1, kv.shape[-1])[:n].float()  # [n, r + dr]
+        rows = sequence_rows(kv, block_tables[i], int(context_lens[i]))  # [n, r + dr]
         scores = (q_latent[i].float() @ rows[:, :r].T + q_rope[i].float() @ rows[:, r:].T) * scale
         out[i] = scores.softmax(-1) @ rows[:, :r]
     return out

@@ -193,7 +193,7 @@ def _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, 
     _launch(x, w_gate, w_up, offsets, h, shared=gate_up_shared, rows=rows, x_group=group)
     out = torch.empty(n_tokens * group, dim, dtype=torch.float32, device=x.device)
     _launch(h, w_down, None, offsets, out, shared=down_shared, rows=rows, x_group=group,
-            scale=topk_weight.float(), top_k=top_k)
+            scale=topk_weight.float().contiguous(), top_k=top_k)
     return out.view(n_tokens, group, dim)
 
 
