@@ -7,6 +7,7 @@ import pytest
 
 from dsv2.engine import LLM, SamplingParams
 from dsv2.engine.engine import EngineConfig, LLMEngine
+from dsv2.engine.runner import prefill_width
 from dsv2.generate import generate
 
 from .conftest import model_with_tokenizer, random_model, tiny_config
@@ -197,3 +198,10 @@ def test_engine_without_tokenizer_returns_token_ids():
     assert outs[-1].outputs[0].token_ids == want and outs[-1].outputs[0].text == ""
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         engine.add_request("b", [1, 2], SamplingParams(max_tokens=2, stop=["x"]))
+
+
+def test_prefill_width_buckets():
+    assert [prefill_width(n) for n in (2, 16, 17, 24, 25, 33, 1025, 1536, 1537, 2048)] == \
+        [16, 16, 24, 24, 32, 48, 1536, 1536, 2048, 2048]
+    # padding costs at most a third of a captured step
+    assert all(n <= prefill_width(n) <= max(16, 1.5 * n) for n in range(2, 5000))

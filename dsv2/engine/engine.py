@@ -54,9 +54,9 @@ class EngineConfig:
     num_blocks: int | None = None  # None: sized from free GPU memory (or 4 GiB on CPU)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
-    enforce_eager: bool = False  # True: no CUDA graphs (nor compilation) for decode steps
-    compile: bool = True  # torch.compile the captured decode step
-    compile_prefill: bool = False  # and the prefill step (recompiles for new batch shapes)
+    enforce_eager: bool = False  # True: no CUDA graphs (nor compilation) for any step
+    compile: bool = True  # torch.compile the captured decode steps
+    compile_prefill: bool = True  # and the captured prefill steps
     async_scheduling: bool = True  # launch each step before processing the previous one's tokens
 
 
@@ -97,7 +97,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len)
         self.runner = ModelRunner(self.model, self.pages, cfg.max_num_seqs, self.max_model_len,
                                   cuda_graphs=not cfg.enforce_eager, compile=cfg.compile,
-                                  compile_prefill=cfg.compile_prefill)
+                                  compile_prefill=cfg.compile_prefill,
+                                  max_graph_tokens=2 * cfg.max_num_batched_tokens)
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, str | None] = {}

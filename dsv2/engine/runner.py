@@ -15,6 +15,7 @@ indexing, no host sync) and no real page is touched. The block manager never han
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,17 +57,21 @@ class PagedBatchCache:
     """The model's cache protocol (`begin`, `write`, `store`) over a PagedLatentCache for one step."""
 
     def __init__(self, pages: PagedLatentCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 decode_kernel: bool = False):
+                 decode_kernel: bool = False, fresh: bool = False):
         self.pages = pages
         self.block_tables = block_tables  # [B, max_blocks]
         self.context_lens = context_lens  # [B] tokens each row attends to after this step
         self.decode_kernel = decode_kernel  # the model then calls store + decode_attention
+        # every row starts at position 0 and the pages store what they are given: attention runs
+        # causally over this step's own latents (padding sits after each row's tokens, where no
+        # real query looks)
+        self.fresh = fresh
         self._slots: torch.Tensor | None = None
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
         self._slots = slots.flatten()
-        if self.decode_kernel:
-            return None  # the kernel bounds each row by context_lens itself
+        if self.decode_kernel or self.fresh:
+            return None  # the kernel bounds each row by context_lens itself; fresh rows are causal
         t = self.block_tables.shape[1] * self.pages.block_size
         key = torch.arange(t, device=positions.device)
         # a sequence's cached tokens sit at key index == position; causal within the row
@@ -80,6 +85,8 @@ class PagedBatchCache:
 
     def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.store(layer, c_kv, k_rope)
+        if self.fresh:
+            return c_kv, k_rope
         return self.pages.gather(layer, self.block_tables, self.context_lens)
 
     def decode_attention(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor, scale: float):
@@ -170,21 +177,23 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
-class DecodeGraph:
-    """One decode step captured for a fixed batch size and block-table width."""
+class StepGraph:
+    """One step captured for a fixed shape: a decode batch size, or a prefill's rows and width
+    (each row padded to the width), with its block-table width."""
 
-    def __init__(self, runner: ModelRunner, inputs: StepInputs, pool):
-        self.packed = inputs.packed.to(runner.device)
+    def __init__(self, step, inputs: StepInputs, device: torch.device, pool):
+        self.step = step
+        self.packed = inputs.packed.to(device)
         self.layout = inputs
-        stream = torch.cuda.Stream(runner.device)
-        stream.wait_stream(torch.cuda.current_stream(runner.device))
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # compile Triton kernels and size workspaces off the graph
             for _ in range(2):
-                runner.decode_step(*self.layout.views(self.packed))
-        torch.cuda.current_stream(runner.device).wait_stream(stream)
+                step(*self.layout.views(self.packed))
+        torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = runner.decode_step(*self.layout.views(self.packed))
+            self.logits = step(*self.layout.views(self.packed))
 
     def replay(self, inputs: StepInputs, in_flight: torch.Tensor | None) -> torch.Tensor:
         self.packed.copy_(inputs.packed, non_blocking=True)
@@ -196,7 +205,7 @@ class DecodeGraph:
 class ModelRunner:
     def __init__(self, model: Transformer, pages: PagedLatentCache, max_num_seqs: int = 256,
                  max_model_len: int | None = None, use_kernel: bool = True, cuda_graphs: bool = True,
-                 compile: bool = True, compile_prefill: bool = False):
+                 compile: bool = True, compile_prefill: bool = True, max_graph_tokens: int = 8192):
         self.model = model
         self.pages = pages
         self.scratch = pages.num_blocks - 1
@@ -212,13 +221,18 @@ class ModelRunner:
         self.max_table_width = -(-max_model_len // bs)
         self.graph_sizes = graph_batch_sizes(max_num_seqs)
         self.use_graphs = cuda_graphs and self.use_kernel and _capturable(model)
-        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        # a prefill with no cached tokens in any row attends causally over the latents it computed,
+        # with no page gather and no mask, where those equal what the pages give back
+        self.fresh_prefill = not pages.quantized and pages.kv.dtype == next(model.parameters()).dtype
+        # prefill graphs hold their activations in the graph pool: bounded by the tokens of a step
+        self.max_graph_tokens = max_graph_tokens
+        self.graphs: dict[tuple, StepGraph] = {}
         self._pool = None
-        # steps compiled on CUDA: a step is some hundred small kernels per layer (norms, rope,
-        # routing, casts), and fused they cost a fraction of the GPU time; decode steps are then
-        # captured. Compilation happens at the first step of a new kind of shape (a minute or two
-        # for V2-Lite, bench/RESULTS.md): worth it for decode, where every step gains, opt-in for
-        # prefill (+22% on 1x2048), where each new batch shape may compile again.
+        # Steps compiled on CUDA: a step is some hundred small kernels per layer (norms, rope,
+        # routing, casts), and fused they cost a fraction of the GPU time. Then captured: launched
+        # one by one from Python, even the compiled kernels of a 2048-token prefill kept the host
+        # busy longer than the GPU (bench/RESULTS.md). Compilation happens at the first step of a
+        # new kind of shape (a minute or two for V2-Lite); capture at each new bucketed shape.
         self.decode_step, self.prefill_step = self._decode_step, self._prefill_step
         if self.use_graphs and compile:
             self.decode_step = torch.compile(self._decode_step, dynamic=True)
@@ -228,13 +242,13 @@ class ModelRunner:
     def _decode_step(self, *views: torch.Tensor) -> torch.Tensor:
         return self.forward(views, decode=True)
 
-    def _prefill_step(self, *views: torch.Tensor) -> torch.Tensor:
-        return self.forward(views, decode=False)
+    def _prefill_step(self, *views: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+        return self.forward(views, decode=False, fresh=fresh)
 
-    def forward(self, views: tuple[torch.Tensor, ...], decode: bool) -> torch.Tensor:
+    def forward(self, views: tuple[torch.Tensor, ...], decode: bool, fresh: bool = False) -> torch.Tensor:
         tokens, positions, slots, tables, context, last = views
         valid = slots != self.scratch * self.pages.block_size
-        cache = PagedBatchCache(self.pages, tables, context, decode and self.use_kernel)
+        cache = PagedBatchCache(self.pages, tables, context, decode and self.use_kernel, fresh)
         return self.model(tokens, positions, valid, cache, slots, absorb=decode, output_index=last)
 
     @torch.inference_mode()
@@ -257,28 +271,44 @@ class ModelRunner:
 
     def _run(self, items: list[tuple[Sequence, int]], pending: tuple[torch.Tensor, dict[int, int]] | None) -> torch.Tensor:
         in_flight, rows_of = pending if pending is not None else (None, None)
-        bs = self.pages.block_size
         width = max(n for _, n in items)
         table_width = max(len(seq.block_table) for seq, _ in items)
         rows = len(items)
-        if width == 1 and self.use_graphs and self.use_kernel and rows <= self.graph_sizes[-1]:
-            size = next(s for s in self.graph_sizes if s >= rows)
-            # table widths in powers of two: the kernel's split count follows the width, so a graph
-            # for the longest context allowed would split short contexts too thinly
-            table_width = min(max(16, 1 << (table_width - 1).bit_length()), max(self.max_table_width, table_width))
-            inputs = pack_inputs(items, size, 1, table_width, bs, self.scratch, rows_of, self.device)
-            graph = self.graphs.get((size, table_width))
-            if graph is None:
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                graph = self.graphs[(size, table_width)] = DecodeGraph(self, inputs, self._pool)
-            return graph.replay(inputs, in_flight)[:rows].float()
-        inputs = pack_inputs(items, rows, width, table_width, bs, self.scratch, rows_of, self.device)
+        decode = width == 1
+        fresh = not decode and self.fresh_prefill and all(s.num_computed_tokens == 0 for s, _ in items)
+        if self.use_graphs:
+            size = next((s for s in self.graph_sizes if s >= rows), None)
+            padded = 1 if decode else prefill_width(width)
+            if size is not None and (decode or size * padded <= self.max_graph_tokens):
+                # table widths in powers of two: the decode kernel's split count follows the width,
+                # so a graph for the longest context allowed would split short contexts too thinly
+                table_width = min(max(16, 1 << (table_width - 1).bit_length()),
+                                  max(self.max_table_width, table_width))
+                inputs = self._pack(items, size, padded, table_width, rows_of)
+                key = (size, padded, table_width, fresh)
+                graph = self.graphs.get(key)
+                if graph is None:
+                    if self._pool is None:
+                        self._pool = torch.cuda.graph_pool_handle()
+                    step = self.decode_step if decode else functools.partial(self.prefill_step, fresh=fresh)
+                    graph = self.graphs[key] = StepGraph(step, inputs, self.device, self._pool)
+                return graph.replay(inputs, in_flight)[:rows].float()
+        inputs = self._pack(items, rows, width, table_width, rows_of)
         packed = inputs.packed.to(self.device, non_blocking=True)
         inputs.fill_pending(packed, in_flight)
         views = inputs.views(packed)
-        logits = self.forward(views, decode=True) if width == 1 else self.prefill_step(*views)
+        logits = self.forward(views, decode=True) if decode else self.prefill_step(*views, fresh=fresh)
         return logits.float()
+
+    def _pack(self, items, rows: int, width: int, table_width: int, rows_of) -> StepInputs:
+        return pack_inputs(items, rows, width, table_width, self.pages.block_size, self.scratch, rows_of, self.device)
+
+
+def prefill_width(n: int) -> int:
+    """The width a prefill of rows up to n tokens is captured at: the smallest power of two or
+    1.5 x power of two that holds n (at least 16), so padding costs at most a third of a step."""
+    p = 1 << max(4, (n - 1).bit_length())
+    return p * 3 // 4 if p >= 32 and p * 3 // 4 >= n else p
 
 
 def _capturable(model: Transformer) -> bool:

@@ -174,18 +174,22 @@ class Experts(nn.Module):
         # outputs back in token order by the inverse permutation and sum over k, so that neither
         # direction needs atomic scatter-adds
         flat = topk_idx.flatten()
-        order = flat.argsort(stable=True)
-        counts = self._counts(flat)
+        order, counts = self._sort(flat)
         xs = x.repeat_interleave(k, dim=0)[order]
         y = self._ffn(xs, counts)
         y = torch.empty_like(y).index_copy_(0, order, y).view(n, k, -1)
         return (y.float() * topk_weight[..., None]).sum(1).to(x.dtype)
 
-    def _counts(self, flat: torch.Tensor) -> torch.Tensor:
-        # not bincount: on CUDA it reads the largest index back to the host to size its output,
-        # a sync that would also break CUDA graph capture
-        return torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).index_add_(
-            0, flat, torch.ones_like(flat))
+    def _sort(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Assignments [M] -> the stable order that groups them by expert, and rows per expert [E].
+        The radix sort runs over the key's bits, so the ids sort as the narrowest integer that
+        holds them (one pass for uint8 instead of eight for int64); the counts come from where
+        each expert starts in the sorted ids (not bincount, which reads its size back to the
+        host, nor index_add, whose compiled form sorts again)."""
+        key = flat.to(torch.uint8 if self.n_experts <= 256 else torch.int32)
+        order = key.argsort(stable=True)
+        experts = torch.arange(self.n_experts + 1, device=flat.device)
+        return order, torch.searchsorted(flat[order], experts).diff()
 
     def _ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         h = F.silu(grouped_mm(xs, self.gate_proj, counts)) * grouped_mm(xs, self.up_proj, counts)
@@ -196,8 +200,7 @@ class Experts(nn.Module):
         k = topk_idx.shape[1]
         sel = kept.flatten().nonzero().squeeze(1)
         flat, weight, token = topk_idx.flatten()[sel], topk_weight.flatten()[sel], sel // k
-        order = flat.argsort(stable=True)
-        counts = self._counts(flat)
+        order, counts = self._sort(flat)
         token = token[order]
         y = self._ffn(x[token], counts)
         y = (y.float() * weight[order, None]).to(x.dtype)
