@@ -1,4 +1,4 @@
-"""The `dsv2` command: info, generate, chat."""
+"""The `dsv2` command: info, generate, chat, train, plot, data, serve."""
 
 from __future__ import annotations
 
@@ -167,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plot)
 
     from .data.cli import register
+    from .server import register as register_serve
 
     register(sub)
+    register_serve(sub)
     return parser
 
 

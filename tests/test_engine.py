@@ -83,7 +83,7 @@ def test_async_scheduling_changes_nothing_but_timing(model_dir):
         llm = _llm(path, async_scheduling=async_scheduling)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
         runs.append([[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in o.outputs] for o in outs])
-        logprobs.append([v for o in outs for c in o.outputs for step in c.logprobs or [] for _, v in step])
+        logprobs.append([v for o in outs for c in o.outputs for step in c.logprobs or [] for v in step.values()])
         assert llm.engine.blocks.all_free()
     assert runs[0] == runs[1]
     # batches differ in composition between the two runs: float sums in another order

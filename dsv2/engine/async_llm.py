@@ -103,7 +103,8 @@ class AsyncLLM:
         """A snapshot for metrics (read without locking: counters only)."""
         blocks = self.engine.blocks
         return {"running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
-                "cache_usage": blocks.usage, "num_preemptions": self.engine.scheduler.num_preemptions}
+                "cache_usage": blocks.usage, "free_blocks": blocks.num_free_blocks, "num_blocks": blocks.num_blocks,
+                "num_preemptions": self.engine.scheduler.num_preemptions}
 
     def shutdown(self) -> None:
         self._closed.set()

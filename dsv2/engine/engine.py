@@ -29,7 +29,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None
-    logprobs: list | None
+    logprobs: list[dict[int, float]] | None  # per token: the top N and the chosen token's logprob
     finish_reason: str | None
     stop_reason: str | int | None = None
 
@@ -230,7 +230,9 @@ class LLMEngine:
             token = int(tokens[j])
             seq.output_token_ids[slot] = token
             if seq.params.logprobs is not None:
-                seq.logprobs.append(step.top_logprobs[j] if step.top_logprobs else None)
+                # as vLLM: {token id: logprob} of the top N and of the chosen token, wherever it ranks
+                top = step.top_logprobs[j] if step.top_logprobs else None
+                seq.logprobs.append({**dict(top or ()), token: logprobs[j]})
             seq.cumulative_logprob += logprobs[j]
             new_text, stop_str = seq.detokenizer.push(token) if seq.detokenizer else ("", None)
             reason = "stop" if stop_str is not None else check_stop(seq.params, token, slot + 1, self.eos_token_id)

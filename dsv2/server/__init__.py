@@ -1,0 +1,54 @@
+"""`dsv2 serve`: the engine behind an OpenAI-compatible HTTP API (FastAPI + uvicorn), and a chat page."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+BUNDLED_NAME = "dsv2-bundled"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible API server with a chat page at /")
+    p.add_argument("--model", default=None, help="HF-format model directory (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("DSV2_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV2_API_KEY; unset: open)")
+    p.add_argument("--served-model-name", default=None,
+                   help=f"the model id clients send (default: --model as given, or {BUNDLED_NAME})")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto, bfloat16, float16, float32, fp8 or 6bit")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV-cache pages (default: sized from memory)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no compilation")
+    p.add_argument("--max-pending", type=int, default=1024,
+                   help="requests in flight beyond which new ones get 429 with Retry-After")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..cli import bundled_model_dir
+    from ..engine.async_llm import AsyncLLM
+    from .app import Server, create_app
+
+    if args.max_pending < 1:
+        raise ValueError(f"--max-pending must be at least 1, got {args.max_pending}")
+    engine = AsyncLLM(args.model or bundled_model_dir(), dtype=args.dtype, device=args.device,
+                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                      max_num_batched_tokens=args.max_num_batched_tokens,
+                      gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
+                      num_blocks=args.num_blocks, enforce_eager=args.enforce_eager)
+    name = args.served_model_name or args.model or BUNDLED_NAME
+    server = Server(engine, name, args.api_key, args.max_pending)
+    print(f"dsv2 serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
+    # uvicorn drains open connections on SIGINT/SIGTERM, then the app's lifespan stops the engine
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,389 @@
+"""The OpenAI-compatible HTTP API over AsyncLLM, and the chat page.
+
+Every error leaves as OpenAI's JSON error body. A request is admitted (counted in flight) before it
+reaches the engine and refused with 429 when --max-pending are already in flight. Streams are
+Server-Sent Events ending in `data: [DONE]`; a client that goes away mid-request has its engine
+requests aborted (their cache pages freed) through the generators' cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from importlib.resources import files
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..engine.async_llm import AsyncLLM
+from ..engine.engine import RequestOutput
+from ..engine.params import SamplingParams
+from .metrics import Metrics
+from .openai_format import ChoiceStream, TokenText, chat_logprobs, completion_logprobs, envelope, new_id, usage
+from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling
+
+
+class Server:
+    """State shared by the routes: the engine, the served name, admission and metrics."""
+
+    def __init__(self, engine: AsyncLLM, model_name: str, api_key: str | None = None, max_pending: int = 1024):
+        self.engine, self.model_name, self.api_key, self.max_pending = engine, model_name, api_key, max_pending
+        self.max_model_len = engine.engine.max_model_len
+        self.vocab_size = engine.engine.model.config.vocab_size
+        self.token_text = TokenText(engine.tokenizer)
+        self.metrics = Metrics()
+        self.in_flight = 0
+        self.created = int(time.time())
+
+    # --- checks ---------------------------------------------------------------------------------
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise ApiError(400, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def params(self, req: _Sampling, ids: list[int], max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The request's SamplingParams for one prompt, after the context-length checks."""
+        if not ids:
+            raise ApiError(400, "The prompt is empty.", param="prompt")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise ApiError(400, f"Prompt token ids must be in [0, {self.vocab_size}).", param="prompt")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise ApiError(400, f"This model's maximum context length is {self.max_model_len} tokens; the prompt "
+                                f"has {len(ids)}, leaving no room for a completion.", param="prompt",
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = room
+        elif not 1 <= max_tokens <= room:
+            raise ApiError(400, f"max_tokens must be in [1, {room}]: this model's maximum context length is "
+                                f"{self.max_model_len} tokens and the prompt has {len(ids)}.", param="max_tokens")
+        return req.sampling_params(max_tokens, logprobs)
+
+    def admit(self) -> None:
+        """Count a request in flight, or refuse it when --max-pending already are; release() it."""
+        if self.in_flight >= self.max_pending:
+            raise ApiError(429, f"The server has {self.in_flight} requests in flight (--max-pending); retry shortly.",
+                           type="server_busy", headers={"Retry-After": "1"})
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    async def answer(self, request: Request, outputs: AsyncIterator[tuple[int, RequestOutput]], n_prompts: int,
+                     stream: bool, chunks) -> StreamingResponse | list[RequestOutput]:
+        """Admit the request; then either the final outputs (non-streaming) or the SSE response
+        built from chunks(), which keeps the request in flight until the stream ends."""
+        self.admit()
+        if stream:
+            return _Stream(chunks(), self.release)
+        try:
+            return await _collect(request, outputs, n_prompts)
+        finally:
+            self.release()
+
+    # --- running prompts ------------------------------------------------------------------------
+    async def run(self, jobs: list[tuple[list[int], str | None, SamplingParams]], request_id: str,
+                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every prompt's outputs as (prompt index, RequestOutput), interleaved as produced. Closing
+        the iterator early cancels the rest, which aborts their engine requests."""
+        arrival = time.perf_counter()
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, ids: list[int], text: str | None, params: SamplingParams) -> None:
+            try:
+                async for out in self.engine.generate({"prompt_token_ids": ids, "prompt": text}, params,
+                                                      f"{request_id}-{i}"):
+                    q.put_nowait((i, out))
+            except Exception as e:  # noqa: BLE001 -- handed to the consumer
+                q.put_nowait((i, e))
+
+        tasks = [asyncio.create_task(pump(i, *job)) for i, job in enumerate(jobs)]
+        last = [None] * len(jobs)
+        remaining, finished_cleanly = len(jobs), False
+        self.metrics.prompt_tokens += sum(len(ids) * params.n for ids, _, params in jobs)
+        try:
+            while remaining:
+                i, out = await q.get()
+                if isinstance(out, Exception):
+                    raise ApiError(400, str(out)) if isinstance(out, ValueError) else out
+                now = time.perf_counter()
+                if last[i] is None:
+                    self.metrics.ttft.observe(now - arrival)
+                else:
+                    self.metrics.itl.observe(now - last[i])
+                last[i] = now
+                if out.finished:
+                    remaining -= 1
+                    self.metrics.generation_tokens += sum(len(c.token_ids) for c in out.outputs)
+                yield i, out
+            finished_cleanly = True
+            self.metrics.e2e.observe(time.perf_counter() - arrival)
+        finally:
+            if not finished_cleanly:
+                self.metrics.aborted += 1
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(request: Request, outputs: AsyncIterator[tuple[int, RequestOutput]],
+                   n_prompts: int) -> list[RequestOutput]:
+    """The final output of every prompt; aborts them if the client leaves before they finish."""
+    async def gather():
+        final = [None] * n_prompts
+        async for i, out in outputs:
+            final[i] = out
+        return final
+
+    work, gone = asyncio.create_task(gather()), asyncio.create_task(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            await outputs.aclose()
+    if work.cancelled():
+        raise ApiError(499, "client disconnected")
+    return work.result()
+
+
+class _Stream(StreamingResponse):
+    """An SSE response that releases its admission however it ends, even unstarted."""
+
+    def __init__(self, chunks: AsyncIterator[dict], release):
+        super().__init__(_event_stream(chunks), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._chunks, self._release = chunks, release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+            await self._chunks.aclose()
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _event_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield _sse(chunk)
+    except ApiError as e:
+        yield _sse(e.body())
+    except Exception as e:  # noqa: BLE001 -- the headers are sent: the error travels in the stream
+        yield _sse(ApiError(500, f"internal error: {e}", type="server_error").body())
+    yield "data: [DONE]\n\n"
+
+
+class _Gate:
+    """The API key check and the request counts of /v1/*, as plain ASGI (streams pass untouched)."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            try:
+                self.server.check_key(Request(scope))
+            except ApiError as e:
+                return await JSONResponse(e.body(), status_code=e.status)(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            self.server.metrics.requests[(scope["path"], status)] += 1
+
+
+def create_app(server: Server) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # uvicorn has drained the connections (in-flight requests finished) before this runs
+        server.engine.shutdown()
+
+    app = FastAPI(title="dsv2", description="OpenAI-compatible API of a DeepSeek-V2 model", lifespan=lifespan)
+    app.state.server = server
+    page = (files("dsv2.server") / "static" / "chat.html").read_text()
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        errors = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            err = errors[0]
+            detail = (err.get("ctx") or {}).get("error", "")
+            return JSONResponse(ApiError(400, f"The body is not valid JSON: {detail} (at character "
+                                              f"{err['loc'][-1]})").body(), status_code=400)
+
+        def where(err) -> str:  # the field's path without the leading "body"
+            return ".".join(str(x) for x in err.get("loc", ())[1:])
+
+        message = "; ".join(f"{where(err) or 'body'}: {err.get('msg')}" for err in errors[:5])
+        param = where(errors[0]) if errors else None
+        return JSONResponse(ApiError(400, message or "invalid request", param=param or None).body(), status_code=400)
+
+    app.add_middleware(_Gate, server=server)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def chat_page():
+        return page
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(server.in_flight, server.engine.stats()),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "dsv2", "max_model_len": server.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        server.check_model(req.model)
+        if req.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise ApiError(400, "best_of other than n is not supported", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+        prompts = _completion_prompts(server, req.prompt)
+        jobs = [(ids, text, server.params(req, ids, req.max_tokens, req.logprobs)) for ids, text in prompts]
+        rid, model, created = new_id("cmpl"), server.model_name, int(time.time())
+        tokenizer = server.engine.tokenizer
+
+        def echo(i: int) -> str:
+            ids, text = prompts[i]
+            return (text if text is not None else tokenizer.decode(ids)) if req.echo else ""
+
+        def choice(i: int, c, text: str, start: int, finish: str | None, offset: int) -> dict:
+            return {"index": i * req.n + c.index, "text": text,
+                    "logprobs": completion_logprobs(c, start, server.token_text, offset) if c.logprobs is not None
+                    else None, "finish_reason": finish, "stop_reason": c.stop_reason if finish else None}
+
+        outputs = server.run(jobs, rid)
+
+        async def chunks():
+            streams = [ChoiceStream(req.n) for _ in jobs]
+            sent_chars = [[0] * req.n for _ in jobs]
+            final = [None] * len(jobs)
+            async with contextlib.aclosing(outputs):
+                async for i, out in outputs:
+                    final[i] = out
+                    for c, text, start, finish in streams[i].news(out):
+                        if start == 0 and req.echo:
+                            text = echo(i) + text
+                        yield envelope(rid, "text_completion", model,
+                                       [choice(i, c, text, start, finish, sent_chars[i][c.index])], created)
+                        sent_chars[i][c.index] += len(text)
+            if req.include_usage:
+                yield envelope(rid, "text_completion", model, [], created, usage=_usage(final))
+
+        answer = await server.answer(request, outputs, len(jobs), req.stream, chunks)
+        if req.stream:
+            return answer
+        choices = [choice(i, c, echo(i) + c.text, 0, c.finish_reason, 0) for i, out in enumerate(answer)
+                   for c in out.outputs]
+        return envelope(rid, "text_completion", model, choices, created, usage=_usage(answer))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        server.check_model(req.model)
+        if req.top_logprobs and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = server.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        top_n = req.top_logprobs or 0
+        jobs = [(ids, None, server.params(req, ids, max_tokens, top_n if req.logprobs else None))]
+        rid, model, created = new_id("chatcmpl"), server.model_name, int(time.time())
+
+        def logprobs(c, start: int):
+            return chat_logprobs(c, start, top_n, server.token_text) if c.logprobs is not None else None
+
+        outputs = server.run(jobs, rid)
+
+        async def chunks():
+            stream, out = ChoiceStream(req.n), None
+            for k in range(req.n):  # the role first, as OpenAI's streams begin
+                yield envelope(rid, "chat.completion.chunk", model, [
+                    {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}], created)
+            async with contextlib.aclosing(outputs):
+                async for _, out in outputs:
+                    for c, text, start, finish in stream.news(out):
+                        yield envelope(rid, "chat.completion.chunk", model, [
+                            {"index": c.index, "delta": {"content": text} if text else {},
+                             "logprobs": logprobs(c, start), "finish_reason": finish,
+                             "stop_reason": c.stop_reason if finish else None}], created)
+            if req.include_usage:
+                yield envelope(rid, "chat.completion.chunk", model, [], created, usage=_usage([out]))
+
+        answer = await server.answer(request, outputs, 1, req.stream, chunks)
+        if req.stream:
+            return answer
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs(c, 0), "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                   for c in answer[0].outputs]
+        return envelope(rid, "chat.completion", model, choices, created, usage=_usage(answer))
+
+    return app
+
+
+def _usage(final: list[RequestOutput]) -> dict:
+    return usage(sum(len(o.prompt_token_ids) for o in final),
+                 sum(len(c.token_ids) for o in final for c in o.outputs))
+
+
+def _completion_prompts(server: Server, prompt) -> list[tuple[list[int], str | None]]:
+    """(token ids, text) of each prompt: a string, strings, token ids, or lists of token ids."""
+    tokenizer = server.engine.tokenizer
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is empty", param="prompt")
+    add_bos = tokenizer.bos_token_id is not None
+    return [(tokenizer.encode(p, add_bos=add_bos), p) if isinstance(p, str) else (list(p), None) for p in prompt]

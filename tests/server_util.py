@@ -1,0 +1,52 @@
+"""A real `dsv2 serve` process on localhost for the server tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(*args: str, env: dict | None = None, timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start `python -m dsv2 serve --port P *args` (the bundled model unless --model is given) on
+    CPU and yield (base URL, process) once /health answers; stop it (SIGTERM) afterwards."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "dsv2", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dsv2 serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("dsv2 serve did not come up")
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
