@@ -232,3 +232,65 @@ def test_moe_decode_batch_takes_fused_path_and_matches_reference(monkeypatch):
     assert calls, "the decode-sized batch did not take the fused path"
     assert got.dtype == torch.bfloat16 and fused_route.scores.shape == route.scores.shape
     assert ((got.double().cpu() - want).norm() / want.norm()) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m, n, n2, k", [
+    (1, 3072, 576, 2048),  # V2-Lite q_proj with kv_a_proj_with_mqa, batch 1
+    (3, 1536, 576, 5120),  # V2's q_a_proj with kv_a, 3 rows
+    (4, 2048, 0, 10944),  # the dense down projection: K past one 1,024 run, with a tail
+    (2, 101, 7, 48),  # odd column counts, K under one run
+])
+def test_triton_small_linear_against_reference(m, n, n2, k, dtype):
+    from dsv2.model.kernels.small_linear import small_linear
+
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        x, w, w2 = (torch.randn(*shape, generator=g) for shape in ((m, k), (n, k), (max(n2, 1), k)))
+        args = [t.to("cuda", dtype) for t in (x, w, w2)][: 3 if n2 else 2]
+        with torch.no_grad():
+            got = small_linear(*args)
+        assert len(got) == (2 if n2 else 1)
+        for out, weight in zip(got, (w, w2)):
+            want = x.double() @ weight.double().T
+            assert out.dtype == dtype and out.shape == want.shape
+            err = (out.double().cpu() - want).norm() / want.norm()
+            assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_batched_small_linear_takes_strided_heads():
+    from dsv2.model.kernels.small_linear import batched_small_linear
+
+    g = torch.Generator().manual_seed(0)
+    # W^UV as MLA slices it from kv_b_proj: [H, nope + v, r][:, nope:], and o_latent [B, H, r]
+    # read as [H, B, r]
+    kv_b = torch.randn(16, 256, 512, generator=g).cuda()
+    o_latent = torch.randn(3, 16, 512, generator=g).cuda()
+    with torch.no_grad():
+        got = batched_small_linear(o_latent.transpose(0, 1), kv_b[:, 128:])
+    want = torch.einsum("bhr,hvr->hbv", o_latent.double(), kv_b[:, 128:].double())
+    assert ((got.double() - want).norm() / want.norm()) < 1e-5
+    with torch.enable_grad():  # training never takes the kernel (it has no backward)
+        w = kv_b[:, 128:].clone().requires_grad_()
+        batched_small_linear(o_latent.transpose(0, 1), w).sum().backward()
+    assert w.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_batched_small_linear_reads_w_uk_transposed():
+    from dsv2.model.kernels.small_linear import batched_small_linear
+
+    g = torch.Generator().manual_seed(1)
+    kv_b = torch.randn(16, 256, 512, generator=g).cuda().bfloat16()
+    q_nope = torch.randn(2, 16, 128, generator=g).cuda().bfloat16()
+    w_uk = kv_b[:, :128]  # [H, nope, r], r contiguous
+    with torch.no_grad():
+        got = batched_small_linear(q_nope.transpose(0, 1), w_uk.transpose(1, 2))
+    want = torch.einsum("bhd,hdr->hbr", q_nope.double(), w_uk.double())
+    assert got.shape == (16, 2, 512)
+    assert ((got.double() - want).norm() / want.norm()) < 1e-2

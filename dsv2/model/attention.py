@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .kernels.small_linear import batched_small_linear, small_linear
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -50,20 +51,34 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
 
-    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> q_nope [B, S, H, nope], q_rope [B, S, H, rope] (rotated)."""
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x's two down-projections, q_proj (or q_a_proj) and kv_a_proj_with_mqa: one launch for a
+        decode batch of a few rows (kernels/small_linear.py), two linears otherwise."""
+        q_down = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        if q_down.bias is None and self.kv_a_proj_with_mqa.bias is None:
+            q, kv = small_linear(x, q_down.weight, self.kv_a_proj_with_mqa.weight)
+            return q, kv
+        return q_down(x), self.kv_a_proj_with_mqa(x)
+
+    def query(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_proj's (or q_a_proj's) output -> q_nope [B, S, H, nope], q_rope [B, S, H, rope] (rotated)."""
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.unflatten(-1, (self.n_heads, -1))
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_rope, cos, sin)
 
-    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> c_kv [B, S, kv_lora_rank] (normed), k_rope [B, S, rope] (rotated): what the cache holds."""
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+    def latent(self, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_a_proj_with_mqa's output -> c_kv [B, S, kv_lora_rank] (normed), k_rope [B, S, rope]
+        (rotated): what the cache holds."""
+        c_kv, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope(k_rope, cos, sin)
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """o_proj, through the few-row kernel on decode batches."""
+        if self.o_proj.bias is not None:
+            return self.o_proj(o)
+        return small_linear(o, self.o_proj.weight)[0]
 
     def w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W^UK [H, nope, r] and W^UV [H, v, r]."""
@@ -80,15 +95,16 @@ class MLA(nn.Module):
         absorb: bool = False,
     ) -> torch.Tensor:
         """x [B, S, d]; mask [B, 1, S, T] bool (True = attend) or None for plain causal over S."""
-        q_nope, q_rope = self.query(x, cos, sin)
-        c_kv, k_rope = self.latent(x, cos, sin)
+        q, kv = self.project(x)
+        q_nope, q_rope = self.query(q, cos, sin)
+        c_kv, k_rope = self.latent(kv, cos, sin)
         if absorb and getattr(cache, "decode_kernel", False):
             return self._paged_decode(q_nope, q_rope, c_kv, k_rope, cache)
         if cache is not None:
             c_kv, k_rope = cache.write(self.layer_idx, c_kv, k_rope)
         attend = self._absorbed if absorb else self._expanded
         o = attend(q_nope, q_rope, c_kv, k_rope, mask)  # [B, S, H, v]
-        return self.o_proj(o.flatten(-2))
+        return self.out(o.flatten(-2))
 
     def _expanded(self, q_nope, q_rope, c_kv, k_rope, mask):
         kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, -1))  # [B, T, H, nope + v]
@@ -107,10 +123,11 @@ class MLA(nn.Module):
         """One decode token per row, attention by the cache's kernel straight over its pages."""
         cache.store(self.layer_idx, c_kv, k_rope)
         w_uk, w_uv = self.w_uk_uv()
-        q_latent = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w_uk)
+        q_latent = batched_small_linear(q_nope[:, 0].transpose(0, 1), w_uk.transpose(1, 2)).transpose(0, 1)
         o_latent = cache.decode_attention(self.layer_idx, q_latent, q_rope[:, 0], self.softmax_scale)
-        o = torch.einsum("bhr,hvr->bhv", o_latent.to(q_nope.dtype), w_uv)
-        return self.o_proj(o.flatten(-2))[:, None]
+        # W^UV per head, heads as the batch: [H, B, r] x [H, v, r]^T
+        o = batched_small_linear(o_latent.to(q_nope.dtype).transpose(0, 1), w_uv).transpose(0, 1)
+        return self.out(o.flatten(-2))[:, None]
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
         # score = (q_nope W^UK) . c_kv + q_rope . k_rope: one 576-wide key shared by every head
