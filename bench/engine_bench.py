@@ -50,6 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dsv2.checkpoint import random_model  # noqa: E402
 from dsv2.config import ModelConfig, preset  # noqa: E402
 from dsv2.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from dsv2.engine.cache import PagedLatentCache  # noqa: E402
@@ -195,18 +196,6 @@ def prefill_limit(config: ModelConfig, wb: dict, n: int, s: int, bandwidth: floa
 
 
 # --- dsv2 ------------------------------------------------------------------------------------------
-def build_dsv2(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """On the meta device, then materialized and initialized where it runs (no slow CPU init)."""
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(config).to(dtype)
-    model.to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    model.init_weights()  # also recomputes the rotary buffer lost on the meta device
-    return model.eval()
-
-
 def engine_config(**kw) -> EngineConfig:
     """EngineConfig from the fields it has (it is being extended concurrently: unknown keys from
     --engine-opt are reported, not fatal)."""
@@ -396,7 +385,7 @@ def hf_prefill(model, n: int, s: int, reps: int, warmup: int) -> dict:
 # --- maximum generation throughput -----------------------------------------------------------------
 def max_throughput_row(config: ModelConfig, device: torch.device, dtype: torch.dtype, args, bandwidth: float,
                        opts: dict) -> dict:
-    model = build_dsv2(config, device, dtype)
+    model = random_model(config, device, dtype)
     wb = weight_bytes(model)
     total = args.mt_prompt + args.mt_gen
     ecfg = dict(max_num_seqs=args.max_batch, max_num_batched_tokens=args.mt_batched_tokens,
@@ -702,7 +691,7 @@ def main(argv=None) -> dict:
     decode_rows, prefill_rows = [], []
     if "decode" in args.sections or "prefill" in args.sections:
         log(f"building dsv2 {args.preset} on {device} ({args.dtype})")
-        model = build_dsv2(config, device, dtype)
+        model = random_model(config, device, dtype)
         sync(device)
         wb = weight_bytes(model)
         res["weight_bytes"] = wb

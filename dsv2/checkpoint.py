@@ -216,6 +216,21 @@ def load_model(
     return model.eval()
 
 
+def random_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                 seed: int = 0) -> Transformer:
+    """A model of `config`'s shape with random weights (init_weights), built on the meta device and
+    materialized where it runs: benchmarks of the released shapes without their checkpoints."""
+    dtype = _dtype(dtype) or _dtype(config.torch_dtype) or torch.float32
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_weights()  # also recomputes the rotary buffer lost on the meta device
+    return model.eval()
+
+
 def _shard_bytes(size: int | str) -> int:
     if isinstance(size, int):
         return size

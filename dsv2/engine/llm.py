@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, random_model
+from ..config import ModelConfig
 from ..tokenizer import Tokenizer
 from .engine import EngineConfig, LLMEngine, RequestOutput
 from .params import SamplingParams
@@ -41,14 +42,22 @@ class LLM:
         enable_prefix_caching: bool = True,
         enforce_eager: bool = False,
         async_scheduling: bool = True,
+        load_format: str = "auto",
     ):
+        """load_format "dummy" (as vLLM's) gives random weights of the directory's config.json
+        shape, for benchmarks of released shapes without their checkpoints."""
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format {load_format!r}: expected 'auto' or 'dummy'")
         if kv_cache_dtype not in _KV_DTYPES:
             raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: expected one of {', '.join(_KV_DTYPES)}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model_dtype = None if dtype == "auto" else dtype
         if model_dtype is None and device == "cpu":
             model_dtype = "float32"  # CPU matmuls in bf16 are slow and gain nothing here
-        self.model = load_model(model, device=device, dtype=model_dtype)
+        if load_format == "dummy":
+            self.model = random_model(ModelConfig.from_hf(model), device, model_dtype)
+        else:
+            self.model = load_model(model, device=device, dtype=model_dtype)
         self.tokenizer = Tokenizer.from_dir(model)
         cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
