@@ -43,9 +43,11 @@ class LLM:
         enforce_eager: bool = False,
         async_scheduling: bool = True,
         load_format: str = "auto",
+        compile: bool = True,
     ):
         """load_format "dummy" (as vLLM's) gives random weights of the directory's config.json
-        shape, for benchmarks of released shapes without their checkpoints."""
+        shape, for benchmarks of released shapes without their checkpoints. compile=False keeps
+        the CUDA graphs but skips torch.compile (no compile time at new step shapes)."""
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format {load_format!r}: expected 'auto' or 'dummy'")
         if kv_cache_dtype not in _KV_DTYPES:
@@ -63,7 +65,7 @@ class LLM:
                            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
                            num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization,
                            enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
-                           async_scheduling=async_scheduling)
+                           async_scheduling=async_scheduling, compile=compile, compile_prefill=compile)
         self.engine = LLMEngine(self.model, self.tokenizer, cfg, _KV_DTYPES[kv_cache_dtype])
         self._ids = itertools.count()
 
