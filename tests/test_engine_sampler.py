@@ -54,6 +54,9 @@ def test_params_defaults_and_normalization():
         (dict(min_p=-0.1), "min_p"),
         (dict(min_p=1.5), "min_p"),
         (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(repetition_penalty=1e-40), "repetition_penalty"),  # logits / it overflow to inf
+        (dict(temperature=1e-40), "temperature"),
+        (dict(top_k=2**63), "top_k"),  # past int64
         (dict(presence_penalty=2.5), "presence_penalty"),
         (dict(frequency_penalty=-2.01), "frequency_penalty"),
         (dict(max_tokens=0), "max_tokens"),

@@ -1,9 +1,11 @@
 """SamplingParams: the per-request knobs, named and bounded as in vLLM so its users need no manual.
 
 Differences from vLLM, all deliberate: max_tokens must be an int (no None = "up to the context"),
-there is no best_of, logit_bias, prompt_logprobs or guided decoding, and temperatures in (0, 0.01)
-are kept as given (vLLM raises them to 0.01; float32 logits divided by a tiny temperature are
-still finite, and softmax subtracts the maximum).
+there is no best_of, logit_bias, prompt_logprobs or guided decoding, and temperatures in
+[1e-6, 0.01) are kept as given (vLLM raises them to 0.01; float32 logits divided by such a
+temperature are still finite, and softmax subtracts the maximum). Below 1e-6 (and a repetition
+penalty below 1e-6) the quotient can overflow to inf and fail the step of every request batched
+with it, so such values are refused here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+_INT64_MAX = 2**63 - 1  # top_k goes into an int64 tensor
+MIN_DIVISOR = 1e-6  # the smallest non-zero temperature and repetition penalty (logits are divided by them)
 
 
 @dataclass
@@ -49,17 +53,17 @@ class SamplingParams:
 
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
+        if not (self.temperature == 0 or self.temperature >= MIN_DIVISOR):
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_DIVISOR}, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
+        if not -1 <= self.top_k <= _INT64_MAX:
             raise ValueError(f"top_k must be 0 or -1 (off) or at least 1, got {self.top_k}")
         self.top_k = max(self.top_k, 0)
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be greater than zero, got {self.repetition_penalty}")
+        if not self.repetition_penalty >= MIN_DIVISOR:
+            raise ValueError(f"repetition_penalty must be at least {MIN_DIVISOR}, got {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

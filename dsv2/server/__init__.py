@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 BUNDLED_NAME = "dsv2-bundled"
 
@@ -54,6 +55,8 @@ def serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or BUNDLED_NAME
     server = Server(engine, name, args.api_key, args.max_pending)
     print(f"dsv2 serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
-    # uvicorn drains open connections on SIGINT/SIGTERM, then the app's lifespan stops the engine
+    # uvicorn drains open connections on SIGINT/SIGTERM, then the app's lifespan stops the engine;
+    # it re-raises the signal it caught once done, which this handler turns into a clean exit (0)
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
     return 0

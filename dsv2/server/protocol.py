@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..engine.params import MAX_LOGPROBS, SamplingParams
 
@@ -27,6 +27,15 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _encodable(text: str) -> str:
+    text.encode()  # a lone surrogate (JSON's "\ud800") cannot be tokenized: a ValueError, so a 400
+    return text
+
+
+# text that goes to the tokenizer
+_Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class _Request(BaseModel):
@@ -72,8 +81,9 @@ class _Sampling(_Request):
                                   ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,
                                   logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
                                   include_stop_str_in_output=self.include_stop_str_in_output, **kw)
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
+        except ValueError as e:  # SamplingParams' messages begin with the field's name
+            field = str(e).split(" ", 1)[0]
+            raise ApiError(400, str(e), param=field if field in type(self).model_fields else None) from None
 
     @property
     def include_usage(self) -> bool:
@@ -82,7 +92,7 @@ class _Sampling(_Request):
 
 class CompletionRequest(_Sampling):
     # a string, a list of strings, token ids, or a list of token-id lists (one choice set each)
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: _Text | list[_Text] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
@@ -92,12 +102,12 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: _Text
 
 
 class Message(_Request):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: _Text | list[TextPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
