@@ -67,7 +67,9 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [B, V] with B = len(rows) = {len(rows)}, got {tuple(logits.shape)}")
         logits = logits.float()
-        raw_logprobs = logits.log_softmax(dim=-1)
+        # the chosen tokens' logprobs need only each row's logsumexp; the whole log_softmax
+        # (a [B, V] write and read, 0.045 ms of a 3.3 ms batch-1 step at V = 102,400) only for top N
+        log_z = logits.logsumexp(dim=-1)
 
         processed = self.process(logits, rows)
         token_ids = processed.argmax(dim=-1)  # the greedy rows' answer; sampled rows overwrite it
@@ -77,11 +79,12 @@ class Sampler:
             probs = processed[index].softmax(dim=-1)
             token_ids[index] = self._draw(probs, [rows[i].generator for i in sampled])
 
-        chosen_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+        chosen_logprobs = logits.gather(1, token_ids[:, None]).squeeze(1) - log_z
         top_logprobs = [None] * len(rows)
         if any(r.params.logprobs is not None for r in rows):
             n = min(max(r.params.logprobs or 0 for r in rows), logits.shape[1])
-            values, ids = raw_logprobs.topk(n, dim=-1)  # sorted, most likely first
+            values, ids = logits.topk(n, dim=-1)  # sorted, most likely first
+            values = values - log_z[:, None]
             values, ids = values.tolist(), ids.tolist()
             for i, r in enumerate(rows):
                 if r.params.logprobs is not None:
@@ -93,7 +96,10 @@ class Sampler:
     def process(self, logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
         """The logits each row picks from, [B, V] float32, -inf where excluded. Greedy rows stop
         after penalties and min_tokens (their argmax is the token); sampled rows are divided by
-        their temperature and filtered by top-k, top-p and min-p. The input is not modified."""
+        their temperature and filtered by top-k, top-p and min-p. The input is not modified (and
+        comes back as it is where no rule applies: plain greedy batches copy nothing)."""
+        if all(r.params.greedy and not r.params.has_penalties and not r.params.min_tokens for r in rows):
+            return logits.float()
         logits = logits.to(torch.float32, copy=True)
         _apply_penalties(logits, rows)
         _apply_min_tokens(logits, rows)
