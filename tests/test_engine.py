@@ -205,3 +205,21 @@ def test_prefill_width_buckets():
         [16, 16, 24, 24, 32, 48, 1536, 1536, 2048, 2048]
     # padding costs at most a third of a captured step
     assert all(n <= prefill_width(n) <= max(16, 1.5 * n) for n in range(2, 5000))
+
+
+def test_warmup_leaves_the_engine_as_new(model_dir):
+    """Warm-up runs real requests through every graph batch size and a chunked long prompt; after
+    it the cache is all free, nothing is cached or counted, and outputs equal a fresh engine's."""
+    path, _, _ = model_dir
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in _llm(path).generate([{"prompt_token_ids": p} for p in prompts], params)]
+    llm = _llm(path)
+    report = llm.engine.warmup()
+    assert report["batch_sizes"] == llm.engine.runner.graph_sizes
+    assert report["long_prompt"] > llm.engine.cfg.max_num_batched_tokens  # chunked: fresh, then cached
+    blocks = llm.engine.blocks
+    assert blocks.all_free() and blocks.num_cached_blocks == 0 and blocks.prefix_cache_queries == 0
+    assert not llm.engine.has_unfinished_requests()
+    got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    assert got == want

@@ -136,3 +136,16 @@ def test_cuda_graph_prefill_matches_eager_bf16_moe():
         engine._process(engine._launch(batch.items))
     assert fresh_seen == {True, False}
     assert any(width > 1 for _, width, _, _ in runner.graphs), "no prefill step was captured"
+
+
+def test_warmup_captures_every_decode_size_before_traffic():
+    engine = _capturable_moe_engine(8, max_num_batched_tokens=256)
+    report = engine.warmup()
+    decode_keys = {key for key in engine.runner.graphs if key[1] == 1}
+    assert {key[0] for key in decode_keys} == set(report["batch_sizes"]) == set(engine.runner.graph_sizes)
+    for i in range(11):
+        engine.add_request(f"r{i}", [3 + i, 7, 11 + i] * 3, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert {key for key in engine.runner.graphs if key[1] == 1} == decode_keys  # nothing captured under load
+    assert engine.blocks.all_free()

@@ -21,9 +21,15 @@ from .params import SamplingParams
 
 
 class AsyncLLM:
-    def __init__(self, model: str | Path, **llm_kwargs):
+    def __init__(self, model: str | Path, warmup: bool | None = None, **llm_kwargs):
+        """warmup: run the engine through its step kinds before serving (LLMEngine.warmup);
+        None = when its steps are compiled and captured (on CUDA), where a first request would
+        otherwise wait for them."""
         self._llm = LLM(model, **llm_kwargs)
         self.engine = self._llm.engine
+        self.warmup = None
+        if warmup or (warmup is None and self.engine.runner.use_graphs):
+            self.warmup = self.engine.warmup()
         self.tokenizer = self._llm.tokenizer
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

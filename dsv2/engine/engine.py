@@ -21,6 +21,7 @@ from .runner import ModelRunner
 from .sampler import Detokenizer, RowState, Sampler, check_stop, make_generator
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, Status
+from .warmup import warmup
 
 
 @dataclass
@@ -141,6 +142,10 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
         self.prompts[request_id] = prompt
+
+    def warmup(self, batch_sizes: list[int] | None = None) -> dict:
+        """Compile and capture every kind of step before the first request (engine/warmup.py)."""
+        return warmup(self, batch_sizes)
 
     def abort_request(self, request_id: str) -> None:
         for seq in self.requests.pop(request_id, []):

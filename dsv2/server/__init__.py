@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", help="auto, bfloat16, float16, float32, fp8 or 6bit")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache pages (default: sized from memory)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no compilation")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip compiling and capturing the step kinds at startup (CUDA): the first "
+                        "requests then wait for them")
     p.add_argument("--no-compile", action="store_true",
                    help="CUDA graphs without torch.compile: no compile pauses at new step shapes")
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
@@ -51,7 +54,12 @@ def serve(args: argparse.Namespace) -> int:
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
                       num_blocks=args.num_blocks, enforce_eager=args.enforce_eager,
-                      load_format=args.load_format, compile=not args.no_compile)
+                      load_format=args.load_format, compile=not args.no_compile,
+                      warmup=False if args.no_warmup else None)
+    if engine.warmup is not None:
+        w = engine.warmup
+        print(f"dsv2 serve: warmed up in {w['seconds']:.1f} s (decode batches {w['batch_sizes']}, "
+              f"a {w['long_prompt']}-token prompt)", flush=True)
     name = args.served_model_name or args.model or BUNDLED_NAME
     server = Server(engine, name, args.api_key, args.max_pending)
     print(f"dsv2 serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
