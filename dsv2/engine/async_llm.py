@@ -27,9 +27,9 @@ class AsyncLLM:
         otherwise wait for them."""
         self._llm = LLM(model, **llm_kwargs)
         self.engine = self._llm.engine
-        self.warmup = None
+        self.warmup_report = None
         if warmup or (warmup is None and self.engine.runner.use_graphs):
-            self.warmup = self.engine.warmup()
+            self.warmup_report = self.engine.warmup()
         self.tokenizer = self._llm.tokenizer
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

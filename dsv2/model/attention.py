@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .kernels.small_linear import batched_small_linear, small_linear
+from .kernels.small_linear import batched_small_linear, linears
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -54,11 +54,8 @@ class MLA(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x's two down-projections, q_proj (or q_a_proj) and kv_a_proj_with_mqa: one launch for a
         decode batch of a few rows (kernels/small_linear.py), two linears otherwise."""
-        q_down = self.q_proj if self.q_lora_rank is None else self.q_a_proj
-        if q_down.bias is None and self.kv_a_proj_with_mqa.bias is None:
-            q, kv = small_linear(x, q_down.weight, self.kv_a_proj_with_mqa.weight)
-            return q, kv
-        return q_down(x), self.kv_a_proj_with_mqa(x)
+        q, kv = linears(x, self.q_proj if self.q_lora_rank is None else self.q_a_proj, self.kv_a_proj_with_mqa)
+        return q, kv
 
     def query(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q_proj's (or q_a_proj's) output -> q_nope [B, S, H, nope], q_rope [B, S, H, rope] (rotated)."""
@@ -76,9 +73,7 @@ class MLA(nn.Module):
 
     def out(self, o: torch.Tensor) -> torch.Tensor:
         """o_proj, through the few-row kernel on decode batches."""
-        if self.o_proj.bias is not None:
-            return self.o_proj(o)
-        return small_linear(o, self.o_proj.weight)[0]
+        return linears(o, self.o_proj)[0]
 
     def w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head: W^UK [H, nope, r] and W^UV [H, v, r]."""

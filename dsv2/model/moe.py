@@ -20,7 +20,7 @@ from torch import nn
 from ..config import ModelConfig
 from .kernels.moe_gemm import fused_experts, moe_gemm_supported
 from .kernels.moe_route import MAX_ALIGN, moe_route
-from .kernels.small_linear import small_linear
+from .kernels.small_linear import linears
 
 
 class MLP(nn.Module):
@@ -33,8 +33,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = small_linear(x, self.gate_proj.weight, self.up_proj.weight)
-        return small_linear(F.silu(gate) * up, self.down_proj.weight)[0]
+        gate, up = linears(x, self.gate_proj, self.up_proj)
+        return linears(F.silu(gate) * up, self.down_proj)[0]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import MLA
 from .cache import LatentCache
-from .kernels.small_linear import small_linear
+from .kernels.small_linear import linears
 from .mha import MHA
 from .moe import MLP, MoE, RouterOutput, TokenDropping
 from .norm import RMSNorm
@@ -111,7 +111,7 @@ class Transformer(nn.Module):
                 routes.append(route)
         if output_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), output_index]
-        logits = small_linear(self.norm(h), self.lm_head.weight)[0]
+        logits = linears(self.norm(h), self.lm_head)[0]
         return ModelOutput(logits, routes) if return_router else logits
 
     @torch.no_grad()

@@ -56,8 +56,8 @@ def serve(args: argparse.Namespace) -> int:
                       num_blocks=args.num_blocks, enforce_eager=args.enforce_eager,
                       load_format=args.load_format, compile=not args.no_compile,
                       warmup=False if args.no_warmup else None)
-    if engine.warmup is not None:
-        w = engine.warmup
+    if engine.warmup_report is not None:
+        w = engine.warmup_report
         print(f"dsv2 serve: warmed up in {w['seconds']:.1f} s (decode batches {w['batch_sizes']}, "
               f"a {w['long_prompt']}-token prompt)", flush=True)
     name = args.served_model_name or args.model or BUNDLED_NAME

@@ -26,7 +26,7 @@ from ..engine.engine import RequestOutput
 from ..engine.params import SamplingParams
 from .metrics import Metrics
 from .openai_format import ChoiceStream, TokenText, chat_logprobs, completion_logprobs, envelope, new_id, usage
-from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, _Sampling
+from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest
 
 
 class Server:
@@ -55,7 +55,7 @@ class Server:
             raise ApiError(400, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
 
-    def params(self, req: _Sampling, ids: list[int], max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def params(self, req: SamplingRequest, ids: list[int], max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The request's SamplingParams for one prompt, after the context-length checks."""
         if not ids:
             raise ApiError(400, "The prompt is empty.", param="prompt")

@@ -46,7 +46,7 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _Sampling(_Request):
+class SamplingRequest(_Request):
     model: str
     n: Annotated[int, Field(ge=1, le=128)] = 1
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
@@ -90,7 +90,7 @@ class _Sampling(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     # a string, a list of strings, token ids, or a list of token-id lists (one choice set each)
     prompt: _Text | list[_Text] | list[int] | list[list[int]]
     max_tokens: int | None = 16
@@ -116,7 +116,7 @@ class Message(_Request):
         return self.content or ""
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 try:
     import triton
@@ -131,3 +132,13 @@ def batched_small_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     return (_small_linear_op if torch.compiler.is_compiling() else _launch)(x, w, None)[0]
+
+
+def linears(x: torch.Tensor, *layers: nn.Linear) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers] (one or two layers sharing x): in one launch of the kernel
+    where it applies (a few rows, no biases), by the layers themselves otherwise, so training and
+    prefill run exactly the modules."""
+    weights = [layer.weight for layer in layers]
+    if all(layer.bias is None for layer in layers) and small_linear_supported(x.reshape(1, -1, x.shape[-1]), *weights):
+        return small_linear(x, *weights)
+    return [layer(x) for layer in layers]
