@@ -222,12 +222,39 @@ def _run_to_first_tokens(engine: LLMEngine, ids: set[str]) -> int:
     return steps
 
 
+def kernel_table(events, steps: int) -> dict:
+    """The profiled steps' GPU kernels grouped by name (template arguments dropped), per step."""
+    groups: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset")):
+            name = e.name.split("<", 1)[0].split("(", 1)[0].strip()[:90]
+            groups.setdefault(name, []).append(e.device_time_total)
+    rows = sorted(({"kernel": k, "per_step": len(v) / steps, "us_per_step": sum(v) / steps}
+                   for k, v in groups.items()), key=lambda r: -r["us_per_step"])
+    return {"busy_us_per_step": sum(r["us_per_step"] for r in rows),
+            "kernels_per_step": sum(r["per_step"] for r in rows), "kernels": rows}
+
+
+def profile_steps(engine: LLMEngine, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    table = kernel_table(prof.events(), steps)
+    log(f"  profile: {table['kernels_per_step']:.0f} kernels, {table['busy_us_per_step']:.0f} us busy per step")
+    for r in table["kernels"][:25]:
+        log(f"    {r['kernel']:<90} {r['per_step']:6.1f}/step {r['us_per_step']:8.1f} us")
+    return table
+
+
 def dsv2_decode(model: Transformer, batch: int, prompt: int, warmup: int, steps: int, batched_tokens: int,
-                block_size: int, opts: dict) -> dict:
+                block_size: int, opts: dict, profile: int = 0) -> dict:
     device = next(model.parameters()).device
     # nobody finishes inside the timed window: the first-admitted rows decode while later ones
     # still prefill, one step per max_num_batched_tokens of prompt
-    max_tokens = 2 + warmup + steps + math.ceil(batch * prompt / max(batched_tokens, batch))
+    max_tokens = 2 + warmup + steps + profile + math.ceil(batch * prompt / max(batched_tokens, batch))
     total = prompt + max_tokens
     engine = LLMEngine(model, None, engine_config(
         max_num_seqs=batch, max_num_batched_tokens=max(batched_tokens, batch), block_size=block_size,
@@ -261,6 +288,8 @@ def dsv2_decode(model: Transformer, batch: int, prompt: int, warmup: int, steps:
            "decode_kernel": bool(getattr(engine.runner, "use_kernel", False))}
     if not out["every_step_full"]:
         log(f"  warning: not every timed step produced {batch} tokens: {produced}")
+    if profile and device.type == "cuda":
+        out["profile"] = profile_steps(engine, profile)
     del engine
     return out
 
@@ -605,6 +634,8 @@ def parse_args(argv=None):
     ap.add_argument("--context", type=int, default=None, help="decode prompt length (tokens)")
     ap.add_argument("--decode-steps", type=int, default=None, help="timed decode steps per row")
     ap.add_argument("--warmup-steps", type=int, default=None, help="untimed decode steps before them")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="decode: after the timed steps, profile this many and keep the kernel table")
     ap.add_argument("--prefill", default=None, help="prefill rows NxS, comma separated")
     ap.add_argument("--prefill-reps", type=int, default=None)
     ap.add_argument("--prefill-warmup", type=int, default=None)
@@ -703,7 +734,7 @@ def main(argv=None) -> dict:
                 log(f"dsv2 decode: batch {b}, prompt {args.context}")
                 r = guarded(f"dsv2 decode {b}", lambda b=b: dsv2_decode(
                     model, b, args.context, args.warmup_steps, args.decode_steps, args.batched_tokens,
-                    args.block_size, opts))
+                    args.block_size, opts, args.profile_steps))
                 kv = r.get("kv_bytes_per_token") or kv_bytes_per_token(config, None, dtype)
                 context = args.context + args.warmup_steps + (args.decode_steps + 1) / 2
                 row = {"batch": b, "context": args.context, "dsv2": r,

@@ -223,3 +223,34 @@ def test_warmup_leaves_the_engine_as_new(model_dir):
     assert not llm.engine.has_unfinished_requests()
     got = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params)]
     assert got == want
+
+
+def test_decode_through_the_cache_ops_equals_the_gather_path(model_dir):
+    """The model's side of the CUDA decode path (MLA._paged_decode: the cache's prologue, W^UK and
+    W^UV per head, the paged attention op), run on CPU where those ops are their references: the
+    logits of the gather path, and the same latents written to the pages."""
+    import torch
+
+    path, model, tok = model_dir
+    engine = LLMEngine(model, tok, EngineConfig(block_size=8, num_blocks=64, max_model_len=256,
+                                                max_num_batched_tokens=256, async_scheduling=False))
+    prompts, _ = _requests(5, tok.vocab_size, seed=3)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    batch = engine.scheduler.schedule()
+    assert len(batch.items) == 5 and all(n == 1 for _, n in batch.items)
+    runner, pages = engine.runner, engine.runner.pages
+    assert not runner.use_kernel and not runner.use_graphs
+    gathered = runner.run(batch.items).clone()
+    slots = torch.tensor([s.block_table[s.num_computed_tokens // 8] * 8 + s.num_computed_tokens % 8
+                          for s, _ in batch.items])
+    rows = pages.kv.view(model.config.num_hidden_layers, -1, pages.width)  # [layers, slots, width]
+    written = rows[:, slots].clone()
+    rows[:, slots] = 0  # this step's latents, to be written again
+    runner.use_kernel = True  # PagedBatchCache(decode_kernel=True): the ops' CPU references
+    through_ops = runner.run(batch.items)
+    torch.testing.assert_close(through_ops, gathered, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows[:, slots], written, rtol=0, atol=0)
+    assert written.abs().sum(-1).gt(0).all()  # every layer wrote a real row

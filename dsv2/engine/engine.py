@@ -205,7 +205,7 @@ class LLMEngine:
                 RowState(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, self.eos_token_id)
                 for s in step.seqs])
             step.token_ids, step.top_logprobs = out.token_ids, out.top_logprobs
-            step.host = torch.stack([out.token_ids.double(), out.logprobs.double()]).to("cpu", non_blocking=True)
+            step.host = out.host.to("cpu", non_blocking=True)
             if logits.is_cuda:
                 step.ready = torch.cuda.Event()
                 step.ready.record()

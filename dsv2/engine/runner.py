@@ -19,11 +19,13 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..model import Transformer
 from ..model.moe import grouped_mm_supported
 from .cache import PagedLatentCache
 from .host import host_tensor, to_device
+from .kernels import mla_prologue
 from .kernels.mha_decode import mha_decode
 from .kernels.mla_decode import mla_decode
 from .sequence import PENDING, Sequence
@@ -40,6 +42,20 @@ def mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor
 @mla_decode_op.register_fake
 def _(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank):
     return q_latent.new_empty(q_latent.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv2::mla_prologue", mutates_args=("cache",))
+def mla_prologue_op(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor,
+                    eps: float, cache: torch.Tensor, layer: int, slots: torch.Tensor,
+                    kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return mla_prologue.launch(q, kv, cos, sin, norm_weight, eps, cache[layer], slots, kv_lora_rank)
+
+
+@mla_prologue_op.register_fake
+def _(q, kv, cos, sin, norm_weight, eps, cache, layer, slots, kv_lora_rank):
+    b, h, width = q.shape
+    dr = kv.shape[-1] - kv_lora_rank
+    return q.new_empty(h, b, width - dr), q.new_empty(b, h, dr)
 
 
 @torch.library.custom_op("dsv2::mha_decode", mutates_args=())
@@ -88,6 +104,18 @@ class PagedBatchCache:
         if self.fresh:
             return c_kv, k_rope
         return self.pages.gather(layer, self.block_tables, self.context_lens)
+
+    def decode_prologue(self, layer: int, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLA's decode inputs (kernels/mla_prologue.py): q [B, H, nope + dr] and kv [B, r + dr] from
+        the projections -> q_nope [H, B, nope], q_rope [B, H, dr], the latent normed by `norm`
+        (kv_a_layernorm), rotated and stored in this step's slots."""
+        r = self.pages.kv_lora_rank
+        if mla_prologue.prologue_supported(q, kv, r):
+            return mla_prologue_op(q, kv, cos, sin, norm.weight, norm.eps, self.pages.kv, layer, self._slots, r)
+        q_nope, q_rope, rows = mla_prologue.mla_prologue_reference(q, kv, cos, sin, norm.weight, norm.eps, r)
+        self.pages.write(layer, self._slots, rows[:, :r], rows[:, r:])
+        return q_nope, q_rope
 
     def decode_attention(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor, scale: float):
         """[B, H, r] latent outputs of one decode token per row, by the Triton kernel over the pages."""
@@ -254,7 +282,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]],
             pending: tuple[torch.Tensor, dict[int, int]] | None = None) -> torch.Tensor:
-        """Compute each item's next tokens; return the logits [B, V] (fp32) at each row's last token.
+        """Compute each item's next tokens; return the logits [B, V] at each row's last token, in the
+        model's dtype (a captured step's are its graph's output: read them before the next step).
         `pending`: the launched step's sampled tokens [S] on the device, and for each sequence
         (by seq_id) whose input token is among them, its row there.
 
@@ -263,7 +292,8 @@ class ModelRunner:
         single = [i for i, (_, n) in enumerate(items) if n == 1]
         if 0 < len(single) < len(items):
             chunks = [i for i, (_, n) in enumerate(items) if n > 1]
-            logits = torch.empty(len(items), self.model.config.vocab_size, device=self.device)
+            logits = torch.empty(len(items), self.model.config.vocab_size, device=self.device,
+                                 dtype=next(self.model.parameters()).dtype)
             for rows in (single, chunks):
                 logits[to_device(rows, self.device)] = self._run([items[i] for i in rows], pending)
             return logits
@@ -292,13 +322,12 @@ class ModelRunner:
                         self._pool = torch.cuda.graph_pool_handle()
                     step = self.decode_step if decode else functools.partial(self.prefill_step, fresh=fresh)
                     graph = self.graphs[key] = StepGraph(step, inputs, self.device, self._pool)
-                return graph.replay(inputs, in_flight)[:rows].float()
+                return graph.replay(inputs, in_flight)[:rows]
         inputs = self._pack(items, rows, width, table_width, rows_of)
         packed = inputs.packed.to(self.device, non_blocking=True)
         inputs.fill_pending(packed, in_flight)
         views = inputs.views(packed)
-        logits = self.forward(views, decode=True) if decode else self.prefill_step(*views, fresh=fresh)
-        return logits.float()
+        return self.forward(views, decode=True) if decode else self.prefill_step(*views, fresh=fresh)
 
     def _pack(self, items, rows: int, width: int, table_width: int, rows_of) -> StepInputs:
         return pack_inputs(items, rows, width, table_width, self.pages.block_size, self.scratch, rows_of, self.device)

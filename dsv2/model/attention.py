@@ -91,10 +91,10 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """x [B, S, d]; mask [B, 1, S, T] bool (True = attend) or None for plain causal over S."""
         q, kv = self.project(x)
+        if absorb and getattr(cache, "decode_kernel", False):
+            return self._paged_decode(q, kv, cos, sin, cache)
         q_nope, q_rope = self.query(q, cos, sin)
         c_kv, k_rope = self.latent(kv, cos, sin)
-        if absorb and getattr(cache, "decode_kernel", False):
-            return self._paged_decode(q_nope, q_rope, c_kv, k_rope, cache)
         if cache is not None:
             c_kv, k_rope = cache.write(self.layer_idx, c_kv, k_rope)
         attend = self._absorbed if absorb else self._expanded
@@ -114,14 +114,19 @@ class MLA(nn.Module):
         )
         return o.transpose(1, 2)
 
-    def _paged_decode(self, q_nope, q_rope, c_kv, k_rope, cache):
-        """One decode token per row, attention by the cache's kernel straight over its pages."""
-        cache.store(self.layer_idx, c_kv, k_rope)
+    def _paged_decode(self, q, kv, cos, sin, cache):
+        """One decode token per row, attention by the cache's kernels straight over its pages. The
+        cache's prologue norms, rotates and stores the latent and rotates q_rope (what `latent` and
+        `query` do, in one launch on CUDA), giving q_nope head-major for W^UK."""
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        q = q[:, 0].unflatten(-1, (self.n_heads, -1))
+        q_nope, q_rope = cache.decode_prologue(self.layer_idx, q, kv[:, 0], cos[:, 0], sin[:, 0], self.kv_a_layernorm)
         w_uk, w_uv = self.w_uk_uv()
-        q_latent = batched_small_linear(q_nope[:, 0].transpose(0, 1), w_uk.transpose(1, 2)).transpose(0, 1)
-        o_latent = cache.decode_attention(self.layer_idx, q_latent, q_rope[:, 0], self.softmax_scale)
+        q_latent = batched_small_linear(q_nope, w_uk.transpose(1, 2)).transpose(0, 1)
+        o_latent = cache.decode_attention(self.layer_idx, q_latent, q_rope, self.softmax_scale)
         # W^UV per head, heads as the batch: [H, B, r] x [H, v, r]^T
-        o = batched_small_linear(o_latent.to(q_nope.dtype).transpose(0, 1), w_uv).transpose(0, 1)
+        o = batched_small_linear(o_latent.to(q.dtype).transpose(0, 1), w_uv).transpose(0, 1)
         return self.out(o.flatten(-2))[:, None]
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
