@@ -294,3 +294,51 @@ def test_triton_batched_small_linear_reads_w_uk_transposed():
     want = torch.einsum("bhd,hdr->hbr", q_nope.double(), w_uk.double())
     assert got.shape == (16, 2, 512)
     assert ((got.double() - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                                (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("b, h, nope, r, dr", [(1, 16, 128, 512, 64), (5, 20, 16, 32, 8)])
+def test_triton_mla_prologue_against_reference(b, h, nope, r, dr, dtype, cache_dtype):
+    from dsv2.engine.kernels import mla_prologue
+
+    g = torch.Generator().manual_seed(b * h)
+    q = torch.randn(b, h * (nope + dr), generator=g).to("cuda", dtype).unflatten(-1, (h, -1))
+    kv = (3 * torch.randn(b, r + dr, generator=g)).to("cuda", dtype)
+    freqs = torch.randint(0, 8192, (b, 1), generator=g).float() / 10000 ** (torch.arange(0, dr, 2) / dr)
+    cos, sin = freqs.cos().cuda(), freqs.sin().cuda()
+    weight = (torch.rand(r, generator=g) + 0.5).to("cuda", dtype)
+    cache = torch.zeros(3, 8, 16, r + dr, dtype=cache_dtype, device="cuda")  # [layers, blocks, block, width]
+    slots = torch.randperm(8 * 16, generator=g)[:b].cuda()
+    q_nope, q_rope = mla_prologue.launch(q, kv, cos, sin, weight, 1e-6, cache[1], slots, r)
+    ref_nope, ref_rope, ref_rows = mla_prologue.mla_prologue_reference(q, kv, cos, sin, weight, 1e-6, r)
+    torch.testing.assert_close(q_nope, ref_nope, rtol=0, atol=0)
+    # the same fp32 math; the norm's sum and rsqrt may round differently by an ulp before the cast
+    tol = dict(rtol=1e-5, atol=1e-5) if cache_dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(q_rope, ref_rope, **tol)
+    rows = cache[1].view(-1, r + dr)
+    torch.testing.assert_close(rows[slots], ref_rows.to(cache_dtype), **tol)
+    untouched = torch.ones(rows.shape[0], dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert rows[untouched].abs().max() == 0 and cache[0].abs().max() == 0 and cache[2].abs().max() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("b, v, dtype", [(1, 102400, torch.bfloat16), (7, 5001, torch.float32), (3, 300, torch.bfloat16)])
+def test_triton_greedy_against_reference(b, v, dtype):
+    from dsv2.engine.kernels.greedy import greedy, greedy_reference
+
+    g = torch.Generator().manual_seed(v)
+    logits = (4 * torch.randn(b, v, generator=g)).to(dtype)
+    logits[0, 11] = logits[0, v - 5] = logits[0].max() + 1  # a tie: the first index wins, as argmax
+    if b > 1:
+        logits[1, : v // 2] = float("-inf")
+        logits[1, -1] = logits[1].max() + 2  # the last element of the row
+    tokens, host = greedy(logits.cuda())
+    ref_tokens, ref_logprobs = greedy_reference(logits)
+    assert tokens.cpu().tolist() == ref_tokens.tolist() == host[0].long().cpu().tolist()
+    assert tokens[0] == 11 and (b == 1 or tokens[1] == v - 1)
+    torch.testing.assert_close(host[1].float().cpu(), ref_logprobs, rtol=1e-5, atol=1e-5)

@@ -28,13 +28,15 @@ def greedy_reference(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 if triton is not None:
 
     @triton.jit
-    def _greedy_kernel(logits_ptr, tokens_ptr, host_ptr, B, V, stride, BLOCK: tl.constexpr):
+    def _chunk_kernel(logits_ptr, part_ptr, V, stride, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # one chunk of one row: its max, first argmax and sum of exp(x - max)
         row = tl.program_id(0)
+        chunk = tl.program_id(1)
         offs = tl.arange(0, BLOCK)
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], tl.float32)
         idx = tl.zeros([BLOCK], tl.int32)
-        for v0 in range(0, V, BLOCK):
+        for v0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
             x = tl.load(logits_ptr + row.to(tl.int64) * stride + v0 + offs, mask=offs < V - v0,
                         other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, x)
@@ -42,12 +44,33 @@ if triton is not None:
             s = tl.where(m_new == float("-inf"), 0.0, s * tl.exp(m - m_new) + tl.exp(x - m_new))
             idx = tl.where(x > m, v0 + offs, idx)
             m = m_new
+        _store_partial(part_ptr + (row * tl.num_programs(1) + chunk) * 3, m, s, idx, V)
+
+    @triton.jit
+    def _store_partial(ptr, m, s, idx, V):
         best = tl.max(m, axis=0)
         total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - best)), axis=0)
-        token = tl.min(tl.where(m == best, idx, V), axis=0)  # the first maximum over all lanes
+        tl.store(ptr, best)
+        tl.store(ptr + 1, total)
+        tl.store(ptr + 2, tl.min(tl.where(m == best, idx, V), axis=0).to(tl.float32))
+
+    @triton.jit
+    def _combine_kernel(part_ptr, tokens_ptr, host_ptr, B, V, CHUNKS, BLOCK_C: tl.constexpr):
+        row = tl.program_id(0)
+        c = tl.arange(0, BLOCK_C)
+        ptr = part_ptr + (row * CHUNKS + c) * 3
+        m = tl.load(ptr, mask=c < CHUNKS, other=float("-inf"))
+        s = tl.load(ptr + 1, mask=c < CHUNKS, other=0.0)
+        idx = tl.load(ptr + 2, mask=c < CHUNKS, other=0.0).to(tl.int32)
+        best = tl.max(m, axis=0)
+        total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - best)), axis=0)
+        token = tl.min(tl.where(m == best, idx, V), axis=0)  # chunks in order: the first maximum
         tl.store(tokens_ptr + row, token.to(tl.int64))
         tl.store(host_ptr + row, token.to(tl.float64))
         tl.store(host_ptr + B + row, (-tl.log(total)).to(tl.float64))
+
+
+CHUNK = 4096  # logits per program: 25 programs a row at V = 102,400
 
 
 def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,5 +80,9 @@ def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.empty(b, dtype=torch.long, device=logits.device)
     host = torch.empty(2, b, dtype=torch.float64, device=logits.device)
     if b:
-        _greedy_kernel[(b,)](logits, tokens, host, b, v, logits.stride(0), BLOCK=2048, num_warps=8)
+        chunks = triton.cdiv(v, CHUNK)
+        # (max, sum, argmax) per chunk; token ids up to 2^24 are exact in fp32
+        parts = torch.empty(b, chunks, 3, dtype=torch.float32, device=logits.device)
+        _chunk_kernel[(b, chunks)](logits, parts, v, logits.stride(0), CHUNK=CHUNK, BLOCK=1024, num_warps=4)
+        _combine_kernel[(b,)](parts, tokens, host, b, v, chunks, BLOCK_C=triton.next_power_of_2(chunks), num_warps=1)
     return tokens, host

@@ -6,7 +6,7 @@ and the fused SwiGLU form, since gate and up read the same rows:
     out = silu(x @ W_gate[e]^T) * (x @ W_up[e]^T)
 With a handful of rows per expert the work is streaming the active experts' weights: each program
 owns one expert's BLOCK_N output columns, reads that weight block once per row tile (one tile in
-the regime this is for) and skips idle experts without touching their weights. The row ranges are
+the regime this is for) and never reads an idle expert's weights. The row ranges are
 read on the device and every launch parameter comes from shapes, so a step that calls this never
 syncs with the host and can be captured in a CUDA graph.
 
@@ -50,21 +50,30 @@ if triton is not None:
     @triton.jit
     def _moe_gemm_kernel(
         x_ptr, w_ptr, w_up_ptr, ws_ptr, ws_up_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr,
-        N, K, n_routed, x_group, top_k,
+        N, K, n_routed, n_experts, x_group, top_k,
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # Weights are [E, N, K] with K contiguous; experts past n_routed (the shared ones) come from
         # ws_ptr with their own strides. GATHER: sorted row p reads x[rows[p] // x_group].
         # SCATTER: sorted row p writes, in fp32 and times its gate value, to out[rows[p]], where
         # rows[p] = token * x_group + k and the gate value is scale[token, k] (1 past top_k).
-        e = tl.program_id(0)
+        # program j of axis 0 serves the j-th expert that has rows (the grid has no more of them
+        # than there are rows), so a step with few tokens launches no programs for idle experts
+        j = tl.program_id(0)
         pid_n = tl.program_id(1)
-        start = tl.load(offsets_ptr + e).to(tl.int32)
-        end = tl.load(offsets_ptr + e + 1).to(tl.int32)
-        if end <= start:
-            return  # an idle expert: its weights are never read
+        offs_e = tl.arange(0, BLOCK_E)
+        e_mask = offs_e < n_experts
+        lo = tl.load(offsets_ptr + offs_e, mask=e_mask, other=0)
+        hi = tl.load(offsets_ptr + offs_e + 1, mask=e_mask, other=0)
+        busy = hi > lo
+        pick = busy & (tl.cumsum(busy.to(tl.int32), 0) == j + 1)
+        if tl.sum(pick.to(tl.int32), 0) == 0:
+            return  # fewer busy experts than programs
+        e = tl.sum(tl.where(pick, offs_e, 0), 0)
+        start = tl.sum(tl.where(pick, lo, 0), 0).to(tl.int32)
+        end = tl.sum(tl.where(pick, hi, 0), 0).to(tl.int32)
         if e < n_routed:
             w_base = w_ptr + e.to(tl.int64) * stride_we
             u_base = w_up_ptr + e.to(tl.int64) * stride_we
@@ -148,21 +157,22 @@ def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scal
         return out
     block_m = _block_m(m, n_experts)
     # No autotuning (shapes vary per step and tuning would time launches inside a capture), so one
-    # choice aimed at streaming: BLOCK_N 64 gives E x N/64 programs (V2-Lite: 64 x 22), enough to
-    # fill every SM even when a single token activates only 6 experts; each K step reads a 256-byte
+    # choice aimed at streaming: BLOCK_N 64 gives (busy experts) x N/64 programs (V2-Lite: 8 x 22
+    # for one token's 6 routed + 2 shared), enough to fill every SM; each K step reads a 256-byte
     # run of every weight row (BLOCK_K 128 bf16 / 64 fp32), 16 KB a tile; 4 stages keep 3 tiles
     # (48 KB) of weights in flight per program, 3 stages of the two SwiGLU tiles 64 KB, which
     # hides HBM latency; the biggest bf16 case (SwiGLU, BLOCK_M 64) takes 144 KB of the H100's 227 KB
     # of shared memory, without register spills (ptxas, sm_90a).
     block_n = min(64, triton.next_power_of_2(n))
     block_k = min(256 // x.element_size(), triton.next_power_of_2(k))
-    grid = (n_experts, triton.cdiv(n, block_n))
+    grid = (min(n_experts, m), triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](
         x, w, w if w_up is None else w_up, ws, ws if ws_up is None else ws_up, out, offsets,
         offsets if rows is None else rows, out if scale is None else scale,
-        n, k, n_routed, x_group, top_k,
+        n, k, n_routed, n_experts, x_group, top_k,
         x.stride(0), w.stride(0), w.stride(1), ws.stride(0), ws.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWIGLU=w_up is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(n_experts),
+        SWIGLU=w_up is not None,
         GATHER=rows is not None and scale is None, SCATTER=scale is not None,
         # fp32 gets fp32 dots (not tf32): the fp32 path is the one tests hold to tight bounds
         PRECISION="ieee" if x.dtype == torch.float32 else None,
