@@ -282,6 +282,22 @@ def test_triton_batched_small_linear_takes_strided_heads():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_batched_small_linear_reads_fp32_input_with_bf16_weights():
+    """MLA's W^UV takes the decode kernel's fp32 output as it is (no cast launch): bf16 out."""
+    from dsv2.model.kernels.small_linear import batched_small_linear
+
+    g = torch.Generator().manual_seed(1)
+    w_uv = torch.randn(16, 128, 512, generator=g).to("cuda", torch.bfloat16)
+    o_latent = torch.randn(2, 16, 512, generator=g).cuda()
+    with torch.no_grad():
+        got = batched_small_linear(o_latent.transpose(0, 1), w_uv)
+    want = torch.einsum("bhr,hvr->hbv", o_latent.double(), w_uv.double())
+    assert got.dtype == torch.bfloat16 and got.shape == (16, 2, 128)
+    assert ((got.double() - want).norm() / want.norm()) < 5e-3  # the bf16 rounding of the output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_batched_small_linear_reads_w_uk_transposed():
     from dsv2.model.kernels.small_linear import batched_small_linear
 

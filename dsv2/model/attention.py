@@ -125,8 +125,8 @@ class MLA(nn.Module):
         w_uk, w_uv = self.w_uk_uv()
         q_latent = batched_small_linear(q_nope, w_uk.transpose(1, 2)).transpose(0, 1)
         o_latent = cache.decode_attention(self.layer_idx, q_latent, q_rope, self.softmax_scale)
-        # W^UV per head, heads as the batch: [H, B, r] x [H, v, r]^T
-        o = batched_small_linear(o_latent.to(q.dtype).transpose(0, 1), w_uv).transpose(0, 1)
+        # W^UV per head, heads as the batch: [H, B, r] x [H, v, r]^T, the fp32 o_latent read as it is
+        o = batched_small_linear(o_latent.transpose(0, 1), w_uv).transpose(0, 1)
         return self.out(o.flatten(-2))[:, None]
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):

@@ -65,11 +65,14 @@ if triton is not None:
 
 def small_linear_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """CUDA, inference (no autograd through the kernel), at most MAX_ROWS rows per batch entry,
-    one floating dtype throughout, K contiguous in every weight (or, for a lone weight, N)."""
+    one floating dtype for the weights and x in it or in fp32 (read as it is: the products are
+    summed in fp32 anyway, so an fp32 input needs no cast launch before), K contiguous in every
+    weight (or, for a lone weight, N)."""
     return (
         triton is not None and x.is_cuda and not torch.is_grad_enabled()
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.shape[-2] <= MAX_ROWS
-        and all(w.dtype == x.dtype and w.shape[-1] == x.shape[-1] for w in weights)
+        and all(w.dtype in (x.dtype, weights[0].dtype) and w.shape[-1] == x.shape[-1] for w in weights)
+        and x.dtype in (weights[0].dtype, torch.float32)
         and (weights[0].stride(-1) == 1 or (len(weights) == 1 and weights[0].stride(-2) == 1))
         and all(w.stride(-1) == 1 for w in weights[1:])
     )
@@ -79,8 +82,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None) -> list[t
     """x [B, M, K] with w [B, N, K] (or [N, K] shared by every b); w2 [N2, K] only with B = 1."""
     bsz, m, k = x.shape
     n, n2 = w.shape[-2], 0 if w2 is None else w2.shape[0]
-    out = x.new_empty(bsz, m, n)
-    out2 = x.new_empty(m, n2) if w2 is not None else out
+    out = x.new_empty(bsz, m, n, dtype=w.dtype)
+    out2 = x.new_empty(m, n2, dtype=w.dtype) if w2 is not None else out
     if w.stride(-1) == 1:
         # 1,024-element (2 KB bf16) runs of two weight rows per K step; shorter rows take more of them
         block_k = min(1024, triton.next_power_of_2(k))
@@ -107,8 +110,8 @@ if triton is not None:
 
     @_small_linear_op.register_fake
     def _(x, w, w2):
-        outs = [x.new_empty(x.shape[0], x.shape[1], w.shape[-2])]
-        return outs if w2 is None else outs + [x.new_empty(x.shape[1], w2.shape[0])]
+        outs = [x.new_empty(x.shape[0], x.shape[1], w.shape[-2], dtype=w.dtype)]
+        return outs if w2 is None else outs + [x.new_empty(x.shape[1], w2.shape[0], dtype=w.dtype)]
 
 
 def small_linear(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -125,10 +128,10 @@ def small_linear(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = Non
 
 
 def batched_small_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [B, M, K] @ w[b]^T for w [B, N, K] -> [B, M, N]: MLA's per-head W^UV, and W^UK read
-    transposed in place ([H, nope, r] storage as [H, r, nope])."""
+    """x [B, M, K] @ w[b]^T for w [B, N, K] -> [B, M, N] in w's dtype: MLA's per-head W^UV (of
+    the fp32 attention output), and W^UK read transposed in place ([H, nope, r] storage as [H, r, nope])."""
     if not small_linear_supported(x, w) or w.dim() != 3:
-        return torch.matmul(x, w.transpose(-1, -2))
+        return torch.matmul(x.to(w.dtype), w.transpose(-1, -2))
     if x.stride(-1) != 1:
         x = x.contiguous()
     return (_small_linear_op if torch.compiler.is_compiling() else _launch)(x, w, None)[0]
