@@ -149,3 +149,29 @@ def test_warmup_captures_every_decode_size_before_traffic():
         engine.step()
     assert {key for key in engine.runner.graphs if key[1] == 1} == decode_keys  # nothing captured under load
     assert engine.blocks.all_free()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs Hopper or later")
+def test_programmatic_dependent_launch_changes_no_token(monkeypatch):
+    """DSV2_PDL=1 (kernels/pdl.py): the engine's Triton kernels launched with programmatic dependent
+    launch, captured in compiled decode and prefill graphs, give the tokens of plain launches."""
+    from dsv2.model.kernels import pdl
+
+    def tokens():
+        engine = _capturable_moe_engine(6, max_num_batched_tokens=256)
+        for i in range(11):
+            engine.add_request(f"r{i}", [3 + i, 7, 11 + i] * (1 + i),
+                               SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        assert engine.runner.graphs
+        return done
+
+    plain = tokens()
+    monkeypatch.setenv("DSV2_PDL", "1")
+    assert pdl.enabled(torch.empty(1, device="cuda"))
+    assert tokens() == plain

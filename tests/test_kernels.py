@@ -358,3 +358,12 @@ def test_triton_greedy_against_reference(b, v, dtype):
     assert tokens.cpu().tolist() == ref_tokens.tolist() == host[0].long().cpu().tolist()
     assert tokens[0] == 11 and (b == 1 or tokens[1] == v - 1)
     torch.testing.assert_close(host[1].float().cpu(), ref_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_pdl_is_off_unless_asked(monkeypatch):
+    from dsv2.model.kernels import pdl
+
+    monkeypatch.delenv("DSV2_PDL", raising=False)
+    assert pdl.options(torch.empty(1)) == {"USE_GDC": False, "launch_pdl": False}
+    monkeypatch.setenv("DSV2_PDL", "1")
+    assert not pdl.enabled(torch.empty(1))  # CPU tensors launch no kernels

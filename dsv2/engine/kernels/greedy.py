@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ...model.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -28,7 +30,9 @@ def greedy_reference(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 if triton is not None:
 
     @triton.jit
-    def _chunk_kernel(logits_ptr, part_ptr, V, stride, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    def _chunk_kernel(logits_ptr, part_ptr, V, stride, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                      USE_GDC: tl.constexpr):
+        pdl.grid_wait(USE_GDC)
         # one chunk of one row: its max, first argmax and sum of exp(x - max)
         row = tl.program_id(0)
         chunk = tl.program_id(1)
@@ -55,7 +59,9 @@ if triton is not None:
         tl.store(ptr + 2, tl.min(tl.where(m == best, idx, V), axis=0).to(tl.float32))
 
     @triton.jit
-    def _combine_kernel(part_ptr, tokens_ptr, host_ptr, B, V, CHUNKS, BLOCK_C: tl.constexpr):
+    def _combine_kernel(part_ptr, tokens_ptr, host_ptr, B, V, CHUNKS, BLOCK_C: tl.constexpr,
+                        USE_GDC: tl.constexpr):
+        pdl.grid_wait(USE_GDC)
         row = tl.program_id(0)
         c = tl.arange(0, BLOCK_C)
         ptr = part_ptr + (row * CHUNKS + c) * 3
@@ -83,6 +89,8 @@ def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         chunks = triton.cdiv(v, CHUNK)
         # (max, sum, argmax) per chunk; token ids up to 2^24 are exact in fp32
         parts = torch.empty(b, chunks, 3, dtype=torch.float32, device=logits.device)
-        _chunk_kernel[(b, chunks)](logits, parts, v, logits.stride(0), CHUNK=CHUNK, BLOCK=1024, num_warps=4)
-        _combine_kernel[(b,)](parts, tokens, host, b, v, chunks, BLOCK_C=triton.next_power_of_2(chunks), num_warps=1)
+        _chunk_kernel[(b, chunks)](logits, parts, v, logits.stride(0), CHUNK=CHUNK, BLOCK=1024, num_warps=4,
+                                           **pdl.options(logits))
+        _combine_kernel[(b,)](parts, tokens, host, b, v, chunks, BLOCK_C=triton.next_power_of_2(chunks),
+                               num_warps=1, **pdl.options(logits))
     return tokens, host

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ...model.kernels import pdl
 from .mla_decode import sequence_rows
 
 try:
@@ -43,8 +44,9 @@ if triton is not None:
     def _split_kernel(
         q_ptr, kv_ptr, tables_ptr, lens_ptr, part_o_ptr, part_ml_ptr,
         scale, stride_table, stride_page, stride_token, max_blocks_per_split, n_heads,
-        D: tl.constexpr, BLOCK_SIZE: tl.constexpr, N_SPLITS: tl.constexpr,
+        D: tl.constexpr, BLOCK_SIZE: tl.constexpr, N_SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
     ):
+        pdl.grid_wait(USE_GDC)
         b = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
@@ -104,7 +106,7 @@ def mha_decode(q, kv, block_tables, context_lens, scale, num_splits=None):
     _split_kernel[(b, h, num_splits)](
         q.contiguous(), kv, block_tables, context_lens, part_o, part_ml,
         scale, block_tables.stride(0), kv.stride(0), kv.stride(1), per_split, h,
-        D=d, BLOCK_SIZE=block_size, N_SPLITS=num_splits, num_warps=4, num_stages=2)
+        D=d, BLOCK_SIZE=block_size, N_SPLITS=num_splits, num_warps=4, num_stages=2, **pdl.options(kv))
     out = torch.empty(b, h, d, dtype=torch.float32, device=q.device)
-    _merge_kernel[(b * h,)](part_o, part_ml, out, R=d, N_SPLITS=num_splits)
+    _merge_kernel[(b * h,)](part_o, part_ml, out, R=d, N_SPLITS=num_splits, **pdl.options(out))
     return out

@@ -15,6 +15,8 @@ import functools
 
 import torch
 
+from ...model.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -48,8 +50,9 @@ if triton is not None:
         q_lat_ptr, q_rope_ptr, kv_ptr, tables_ptr, lens_ptr, part_o_ptr, part_ml_ptr,
         scale, stride_table, max_blocks_per_split, n_heads,
         R: tl.constexpr, DR: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-        N_SPLITS: tl.constexpr, PRECISION: tl.constexpr,
+        N_SPLITS: tl.constexpr, PRECISION: tl.constexpr, USE_GDC: tl.constexpr,
     ):
+        pdl.grid_wait(USE_GDC)
         b = tl.program_id(0)
         hb = tl.program_id(1)
         split = tl.program_id(2)
@@ -91,7 +94,9 @@ if triton is not None:
         tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=hmask)
 
     @triton.jit
-    def _merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, R: tl.constexpr, N_SPLITS: tl.constexpr):
+    def _merge_kernel(part_o_ptr, part_ml_ptr, out_ptr, R: tl.constexpr, N_SPLITS: tl.constexpr,
+                      USE_GDC: tl.constexpr):
+        pdl.grid_wait(USE_GDC)
         bh = tl.program_id(0)
         offs_r = tl.arange(0, R)
         splits = tl.arange(0, N_SPLITS)
@@ -133,7 +138,8 @@ def mla_decode(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_
         scale, block_tables.stride(0), per_split, h,
         R=r, DR=dr, BLOCK_SIZE=block_size, BLOCK_H=block_h, N_SPLITS=num_splits,
         # fp32 caches get fp32 dots (not tf32): the fp32 path is the one tests hold to tight bounds
-        PRECISION="ieee" if kv.dtype == torch.float32 else None, num_warps=8, num_stages=2)
+        PRECISION="ieee" if kv.dtype == torch.float32 else None, num_warps=8, num_stages=2,
+        **pdl.options(kv))
     out = torch.empty(b, h, r, dtype=torch.float32, device=q_latent.device)
-    _merge_kernel[(b * h,)](part_o, part_ml, out, R=r, N_SPLITS=num_splits)
+    _merge_kernel[(b * h,)](part_o, part_ml, out, R=r, N_SPLITS=num_splits, **pdl.options(out))
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ...model.kernels import pdl
 from ...model.norm import rms_norm
 from ...model.rope import apply_rope
 
@@ -45,8 +46,9 @@ if triton is not None:
         q_ptr, kv_ptr, cos_ptr, sin_ptr, w_ptr, cache_ptr, slots_ptr, q_nope_ptr, q_rope_ptr,
         B, eps, stride_qb, stride_qh, stride_kvb, stride_cos,
         H: tl.constexpr, NOPE: tl.constexpr, R: tl.constexpr, DR: tl.constexpr,
-        BLOCK_H: tl.constexpr,
+        BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr,
     ):
+        pdl.grid_wait(USE_GDC)
         b = tl.program_id(0).to(tl.int64)
         dtype = q_nope_ptr.dtype.element_ty
         half = tl.arange(0, DR // 2)
@@ -103,5 +105,6 @@ def launch(q, kv, cos, sin, norm_weight, eps, cache, slots, kv_lora_rank):
         _prologue_kernel[(b,)](
             q, kv, cos, sin, norm_weight, cache, slots, q_nope, q_rope,
             b, eps, q.stride(0), q.stride(1), kv.stride(0), cos.stride(0),
-            H=h, NOPE=nope, R=kv_lora_rank, DR=dr, BLOCK_H=min(16, triton.next_power_of_2(h)), num_warps=4)
+            H=h, NOPE=nope, R=kv_lora_rank, DR=dr, BLOCK_H=min(16, triton.next_power_of_2(h)), num_warps=4,
+            **pdl.options(q))
     return q_nope, q_rope

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import pdl
 from .moe_route import moe_align
 
 try:
@@ -54,6 +55,7 @@ if triton is not None:
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, PRECISION: tl.constexpr,
+        USE_GDC: tl.constexpr,
     ):
         # Weights are [E, N, K] with K contiguous; experts past n_routed (the shared ones) come from
         # ws_ptr with their own strides. GATHER: sorted row p reads x[rows[p] // x_group].
@@ -63,6 +65,7 @@ if triton is not None:
         # than there are rows), so a step with few tokens launches no programs for idle experts
         j = tl.program_id(0)
         pid_n = tl.program_id(1)
+        pdl.grid_wait(USE_GDC)  # which experts are busy is the previous kernels' output
         offs_e = tl.arange(0, BLOCK_E)
         e_mask = offs_e < n_experts
         lo = tl.load(offsets_ptr + offs_e, mask=e_mask, other=0)
@@ -176,7 +179,7 @@ def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scal
         GATHER=rows is not None and scale is None, SCATTER=scale is not None,
         # fp32 gets fp32 dots (not tf32): the fp32 path is the one tests hold to tight bounds
         PRECISION="ieee" if x.dtype == torch.float32 else None,
-        num_warps=4, num_stages=3 if w_up is not None else 4)
+        num_warps=4, num_stages=3 if w_up is not None else 4, **pdl.options(x))
     return out
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from . import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -38,7 +40,9 @@ if triton is not None:
 
     @triton.jit
     def _align_kernel(idx_ptr, rows_ptr, offsets_ptr, A, n_routed, n_experts,
-                      TOP_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr):
+                      TOP_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr,
+                      USE_GDC: tl.constexpr):
+        pdl.grid_wait(USE_GDC)
         a = tl.arange(0, BLOCK_A)
         valid = a < A
         token = a // GROUP
@@ -56,7 +60,7 @@ if triton is not None:
 
     @triton.jit
     def _logits_kernel(x_ptr, w_ptr, logits_ptr, D, E, stride_x, stride_w,
-                       BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr):
         # one token's affinities for BLOCK_E experts: the gate's weight, read by many programs at
         # once rather than streamed by one, and products of the stored values in fp32, as
         # F.linear(x.float(), W_g.float()) computes them
@@ -64,7 +68,16 @@ if triton is not None:
         offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         e_mask = offs_e < E
         acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        d_start = 0
+        if USE_GDC:  # pdl.py: the gate's first weight block is requested before waiting for x
+            offs_d = tl.arange(0, BLOCK_D)
+            wv = tl.load(w_ptr + offs_e[:, None] * stride_w + offs_d[None, :],
+                         mask=e_mask[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+            pdl.grid_wait(USE_GDC)
+            xv = tl.load(x_ptr + t * stride_x + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+            acc += tl.sum(wv * xv[None, :], axis=1)
+            d_start = BLOCK_D
+        for d0 in range(d_start, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < D
             xv = tl.load(x_ptr + t * stride_x + offs_d, mask=d_mask, other=0.0).to(tl.float32)
@@ -76,7 +89,8 @@ if triton is not None:
     @triton.jit
     def _route_kernel(scores_ptr, idx_ptr, weight_ptr, E, scaling,
                       TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, NORM: tl.constexpr,
-                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, USE_GDC: tl.constexpr):
+        pdl.grid_wait(USE_GDC)
         # one token: softmax over its logits (in place: they become the scores), then the choice
         t = tl.program_id(0).to(tl.int64)
         offs_e = tl.arange(0, BLOCK_E)
@@ -137,7 +151,7 @@ def moe_align(topk_idx: torch.Tensor, n_routed: int, n_shared: int = 0) -> tuple
     _align_kernel[(1,)](topk_idx.contiguous(), rows, offsets, a, n_routed, n_routed + n_shared,
                         TOP_K=top_k, GROUP=group, BLOCK_A=block_a,
                         BLOCK_E=triton.next_power_of_2(n_routed + n_shared + 1),
-                        num_warps=4 if block_a <= 1024 else 8)
+                        num_warps=4 if block_a <= 1024 else 8, **pdl.options(topk_idx))
     return rows, offsets
 
 
@@ -155,11 +169,13 @@ def _route(x: torch.Tensor, weight: torch.Tensor, top_k: int, n_group: int, topk
     # 4 experts a program: V2-Lite's 256 KB gate weight is read by 16 programs per token
     block_d = min(triton.next_power_of_2(d), 4096)
     _logits_kernel[(n, triton.cdiv(n_experts, 4))](x, weight, scores, d, n_experts, x.stride(0), weight.stride(0),
-                                                   BLOCK_E=4, BLOCK_D=block_d, num_warps=4)
+                                                   BLOCK_E=4, BLOCK_D=block_d, num_warps=4,
+                                                   **pdl.options(x))
     _route_kernel[(n,)](
         scores, topk_idx, topk_weight, n_experts, float(routed_scaling_factor), TOP_K=top_k, N_GROUP=n_group,
         TOPK_GROUP=topk_group, NORM=top_k > 1 and norm_topk_prob, BLOCK_E=triton.next_power_of_2(n_experts),
-        BLOCK_K=triton.next_power_of_2(top_k), BLOCK_G=triton.next_power_of_2(n_group), num_warps=1)
+        BLOCK_K=triton.next_power_of_2(top_k), BLOCK_G=triton.next_power_of_2(n_group), num_warps=1,
+        **pdl.options(x))
     return scores, topk_idx, topk_weight
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -34,7 +36,7 @@ if triton is not None:
     def _small_linear_kernel(
         x_ptr, w_ptr, out_ptr, w2_ptr, out2_ptr,
         M, N, N2, K, stride_xb, stride_xm, stride_wb, stride_wn, stride_wk, stride_ob, stride_om, stride_w2n, stride_o2m,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -53,7 +55,14 @@ if triton is not None:
         x_ptrs = x_ptr + b * stride_xb + offs_m[:, None] * stride_xm + offs_k[None, :]  # [M, K]
         w_ptrs = w_base + offs_n[:, None].to(tl.int64) * swn + offs_k[None, :] * swk  # [N, K]
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_start = 0
+        if USE_GDC:  # pdl.py: the first weight block is requested before waiting for x
+            wt = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+            pdl.grid_wait(USE_GDC)
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+            acc += xt[:, None, :] * wt[None, :, :]
+            k_start = BLOCK_K
+        for k0 in range(k_start, K, BLOCK_K):
             k_mask = offs_k < K - k0
             xt = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
             wt = tl.load(w_ptrs + k0 * swk, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
@@ -98,7 +107,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None) -> list[t
         x.stride(0), x.stride(1), w.stride(0) if w.dim() == 3 else 0, w.stride(-2), w.stride(-1),
         out.stride(0), out.stride(1),
         w_other.stride(0), out2.stride(0),
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4,
+        **pdl.options(x))
     return [out] if w2 is None else [out, out2]
 
 
