@@ -6,9 +6,9 @@ kv [B, kv_lora_rank + rope] (kv_a_proj_with_mqa's output):
     k_rope = RoPE(kv[:, r:])                            written with c_kv to the row's cache slot
     q_rope = RoPE(q[:, :, nope:])                       [B, H, rope]
     q_nope = q[:, :, :nope] laid out head-major          [H, B, nope], as W^UK's batched GEMV reads it
-Compiled, these were five kernels a layer (the norm's statistics, the norm with the cache row's
-concatenation, two rotations, the head-major copy) and the cache write one more: about 8 us of a
-batch-1 step's layer on an H100, most of it launch and ramp, for a few kilobytes. Here one program
+Compiled, these were four kernels a layer (the norm's statistics, the norm with the cache row's
+concatenation, two rotations) and the cache write one more: about 8 us of a batch-1 step's layer on
+an H100, most of it launch and ramp, for a few kilobytes (2.9 us now). Here one program
 per row does all of it. The arithmetic is the model's (fp32 statistics and rotation, rounded where
 the model rounds), so the cache holds the same values as the modules' path writes.
 """
