@@ -673,6 +673,13 @@ def parse_args(argv=None):
     return args
 
 
+def checkpoint(res: dict, decode_rows: list, prefill_rows: list, out: Path) -> None:
+    """The rows so far, marked incomplete: a run stopped by a time limit keeps what it measured."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**res, "complete": False, "decode": decode_rows, "prefill": prefill_rows},
+                              indent=2, default=str))
+
+
 def _literal(v: str):
     import ast
 
@@ -746,6 +753,7 @@ def main(argv=None) -> dict:
                 if not isinstance(row["experts_measured"], float):
                     row["experts_measured"] = None
                 decode_rows.append(row)
+                checkpoint(res, decode_rows, prefill_rows, args.out)
                 log(f"  {_rate(r)}, {_fmt(r.get('ms_per_step'), '.2f')} ms/step")
         if "prefill" in args.sections:
             for n, s in prefills:
@@ -755,6 +763,7 @@ def main(argv=None) -> dict:
                     opts))
                 prefill_rows.append({"row": f"{n}x{s}", "n": n, "s": s, "dsv2": r,
                                      "limit": prefill_limit(config, wb, n, s, bandwidth, peak)})
+                checkpoint(res, decode_rows, prefill_rows, args.out)
                 log(f"  {_rate(r)}")
         del model
         free_memory()
@@ -773,6 +782,7 @@ def main(argv=None) -> dict:
                     log(f"transformers decode: batch {b}, prompt {args.context}")
                     row["transformers"] = guarded(f"transformers decode {b}", lambda b=b: hf_decode(
                         hf, b, args.context, args.warmup_steps, args.decode_steps))
+                    checkpoint(res, decode_rows, prefill_rows, args.out)
                     log(f"  {_rate(row['transformers'])}")
                 for row in prefill_rows:
                     log(f"transformers prefill: {row['row']}")
@@ -794,6 +804,7 @@ def main(argv=None) -> dict:
     if "maxtp" in args.sections:
         res["max_throughput"] = run_max_throughput(args, device, dtype, bandwidth, opts)
 
+    res["complete"] = True
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2, default=str))
     print_tables(res)
