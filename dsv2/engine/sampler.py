@@ -108,7 +108,7 @@ class Sampler:
         """The logits each row picks from, [B, V] float32, -inf where excluded. Greedy rows stop
         after penalties and min_tokens (their argmax is the token); sampled rows are divided by
         their temperature and filtered by top-k, top-p and min-p. The input is not modified (and
-        comes back as it is where no rule applies: plain greedy batches copy nothing)."""
+        comes back as it is, in fp32, where no rule applies: plain greedy batches)."""
         if _plain_greedy(rows):
             return logits.float()
         logits = logits.to(torch.float32, copy=True)
