@@ -1,10 +1,11 @@
-"""Greedy sampling in one pass over the logits: each row's argmax and its log-probability.
+"""Greedy sampling over the logits: each row's argmax and its log-probability.
 
 The chosen token's logprob is max - logsumexp. In PyTorch that is three reductions over the
 vocabulary (the logsumexp's max and sum, the argmax) with a row or a few: each runs on a handful of
-SMs, 15 us apiece at 102,400 logits on an H100, plus the casts and the gather after them. Here one
-program per row streams its logits once with a running max, argmax and rescaled sum, and writes
-the results where the engine wants them: the token ids on the device (the next step's inputs) and
+SMs, 15 us apiece at 102,400 logits on an H100, plus the casts and the gather after them. Here
+programs of 4,096 logits each keep a running max, first argmax and rescaled sum (one program per
+row took 27 us: too few SMs again), and a second launch combines a row's chunks and writes the
+results where the engine wants them: the token ids on the device (the next step's inputs) and
 [token, logprob] as float64 for the copy back to the host.
 """
 
@@ -48,15 +49,19 @@ if triton is not None:
             s = tl.where(m_new == float("-inf"), 0.0, s * tl.exp(m - m_new) + tl.exp(x - m_new))
             idx = tl.where(x > m, v0 + offs, idx)
             m = m_new
-        _store_partial(part_ptr + (row * tl.num_programs(1) + chunk) * 3, m, s, idx, V)
-
-    @triton.jit
-    def _store_partial(ptr, m, s, idx, V):
-        best = tl.max(m, axis=0)
-        total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - best)), axis=0)
+        best, total, token = _merge(m, s, idx, V)
+        ptr = part_ptr + (row * tl.num_programs(1) + chunk) * 3
         tl.store(ptr, best)
         tl.store(ptr + 1, total)
-        tl.store(ptr + 2, tl.min(tl.where(m == best, idx, V), axis=0).to(tl.float32))
+        tl.store(ptr + 2, token.to(tl.float32))
+
+    @triton.jit
+    def _merge(m, s, idx, V):
+        """Lanes' (max, sum of exp(x - max), first argmax) -> one; lanes in index order, so the
+        smallest index among the maxima is the first maximum."""
+        best = tl.max(m, axis=0)
+        total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - best)), axis=0)
+        return best, total, tl.min(tl.where(m == best, idx, V), axis=0)
 
     @triton.jit
     def _combine_kernel(part_ptr, tokens_ptr, host_ptr, B, V, CHUNKS, BLOCK_C: tl.constexpr,
@@ -68,9 +73,7 @@ if triton is not None:
         m = tl.load(ptr, mask=c < CHUNKS, other=float("-inf"))
         s = tl.load(ptr + 1, mask=c < CHUNKS, other=0.0)
         idx = tl.load(ptr + 2, mask=c < CHUNKS, other=0.0).to(tl.int32)
-        best = tl.max(m, axis=0)
-        total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - best)), axis=0)
-        token = tl.min(tl.where(m == best, idx, V), axis=0)  # chunks in order: the first maximum
+        _, total, token = _merge(m, s, idx, V)
         tl.store(tokens_ptr + row, token.to(tl.int64))
         tl.store(host_ptr + row, token.to(tl.float64))
         tl.store(host_ptr + B + row, (-tl.log(total)).to(tl.float64))

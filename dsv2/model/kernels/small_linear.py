@@ -77,11 +77,11 @@ def small_linear_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     one floating dtype for the weights and x in it or in fp32 (read as it is: the products are
     summed in fp32 anyway, so an fp32 input needs no cast launch before), K contiguous in every
     weight (or, for a lone weight, N)."""
+    w_dtype = weights[0].dtype
     return (
         triton is not None and x.is_cuda and not torch.is_grad_enabled()
-        and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and x.shape[-2] <= MAX_ROWS
-        and all(w.dtype in (x.dtype, weights[0].dtype) and w.shape[-1] == x.shape[-1] for w in weights)
-        and x.dtype in (weights[0].dtype, torch.float32)
+        and w_dtype in (torch.bfloat16, torch.float16, torch.float32) and x.dtype in (w_dtype, torch.float32)
+        and x.shape[-2] <= MAX_ROWS and all(w.dtype == w_dtype and w.shape[-1] == x.shape[-1] for w in weights)
         and (weights[0].stride(-1) == 1 or (len(weights) == 1 and weights[0].stride(-2) == 1))
         and all(w.stride(-1) == 1 for w in weights[1:])
     )
