@@ -154,8 +154,9 @@ def test_warmup_captures_every_decode_size_before_traffic():
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs Hopper or later")
 def test_programmatic_dependent_launch_changes_no_token(monkeypatch):
-    """DSV2_PDL=1 (kernels/pdl.py): the engine's Triton kernels launched with programmatic dependent
-    launch, captured in compiled decode and prefill graphs, give the tokens of plain launches."""
+    """kernels/pdl.py (on by default on Hopper): the engine's Triton kernels launched with
+    programmatic dependent launch, captured in compiled decode and prefill graphs, give the tokens of
+    plain launches (DSV2_PDL=0)."""
     from dsv2.model.kernels import pdl
 
     def tokens():
@@ -171,7 +172,9 @@ def test_programmatic_dependent_launch_changes_no_token(monkeypatch):
         assert engine.runner.graphs
         return done
 
+    monkeypatch.setenv("DSV2_PDL", "0")
+    assert not pdl.enabled(torch.empty(1, device="cuda"))
     plain = tokens()
-    monkeypatch.setenv("DSV2_PDL", "1")
+    monkeypatch.delenv("DSV2_PDL")
     assert pdl.enabled(torch.empty(1, device="cuda"))
     assert tokens() == plain

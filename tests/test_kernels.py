@@ -360,10 +360,12 @@ def test_triton_greedy_against_reference(b, v, dtype):
     torch.testing.assert_close(host[1].float().cpu(), ref_logprobs, rtol=1e-5, atol=1e-5)
 
 
-def test_pdl_is_off_unless_asked(monkeypatch):
+def test_pdl_switch(monkeypatch):
     from dsv2.model.kernels import pdl
 
     monkeypatch.delenv("DSV2_PDL", raising=False)
-    assert pdl.options(torch.empty(1)) == {"USE_GDC": False, "launch_pdl": False}
-    monkeypatch.setenv("DSV2_PDL", "1")
-    assert not pdl.enabled(torch.empty(1))  # CPU tensors launch no kernels
+    assert pdl.options(torch.empty(1)) == {"USE_GDC": False, "launch_pdl": False}  # CPU tensors launch no kernels
+    if torch.cuda.is_available():
+        assert pdl.enabled(torch.empty(1, device="cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+        monkeypatch.setenv("DSV2_PDL", "0")
+        assert not pdl.enabled(torch.empty(1, device="cuda"))
