@@ -323,12 +323,15 @@ def test_triton_mla_prologue_against_reference(b, h, nope, r, dr, dtype, cache_d
     g = torch.Generator().manual_seed(b * h)
     q = torch.randn(b, h * (nope + dr), generator=g).to("cuda", dtype).unflatten(-1, (h, -1))
     kv = (3 * torch.randn(b, r + dr, generator=g)).to("cuda", dtype)
-    freqs = torch.randint(0, 8192, (b, 1), generator=g).float() / 10000 ** (torch.arange(0, dr, 2) / dr)
-    cos, sin = freqs.cos().cuda(), freqs.sin().cuda()
+    # positions up to 160K (V2's context): cos and sin of arguments up to 10^5 radians
+    positions = torch.randint(0, 160_000, (b,), generator=g)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dr, 2) / dr)
+    freqs = positions.float()[:, None] * inv_freq
+    cos, sin = (1.25 * freqs.cos()).cuda(), (1.25 * freqs.sin()).cuda()
     weight = (torch.rand(r, generator=g) + 0.5).to("cuda", dtype)
     cache = torch.zeros(3, 8, 16, r + dr, dtype=cache_dtype, device="cuda")  # [layers, blocks, block, width]
     slots = torch.randperm(8 * 16, generator=g)[:b].cuda()
-    q_nope, q_rope = mla_prologue.launch(q, kv, cos, sin, weight, 1e-6, cache[1], slots, r)
+    q_nope, q_rope = mla_prologue.launch(q, kv, positions.cuda(), inv_freq.cuda(), 1.25, weight, 1e-6, cache[1], slots, r)
     ref_nope, ref_rope, ref_rows = mla_prologue.mla_prologue_reference(q, kv, cos, sin, weight, 1e-6, r)
     torch.testing.assert_close(q_nope, ref_nope, rtol=0, atol=0)
     # the same fp32 math; the norm's sum and rsqrt may round differently by an ulp before the cast

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..model import Transformer
 from ..model.moe import grouped_mm_supported
+from ..model.rope import RotaryEmbedding
 from .cache import PagedLatentCache
 from .host import host_tensor, to_device
 from .kernels import mla_prologue
@@ -45,14 +46,15 @@ def _(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank):
 
 
 @torch.library.custom_op("dsv2::mla_prologue", mutates_args=("cache",))
-def mla_prologue_op(q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor,
-                    eps: float, cache: torch.Tensor, layer: int, slots: torch.Tensor,
-                    kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return mla_prologue.launch(q, kv, cos, sin, norm_weight, eps, cache[layer], slots, kv_lora_rank)
+def mla_prologue_op(q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                    attention_factor: float, norm_weight: torch.Tensor, eps: float, cache: torch.Tensor, layer: int,
+                    slots: torch.Tensor, kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return mla_prologue.launch(q, kv, positions, inv_freq, attention_factor, norm_weight, eps, cache[layer], slots,
+                               kv_lora_rank)
 
 
 @mla_prologue_op.register_fake
-def _(q, kv, cos, sin, norm_weight, eps, cache, layer, slots, kv_lora_rank):
+def _(q, kv, positions, inv_freq, attention_factor, norm_weight, eps, cache, layer, slots, kv_lora_rank):
     b, h, width = q.shape
     dr = kv.shape[-1] - kv_lora_rank
     return q.new_empty(h, b, width - dr), q.new_empty(b, h, dr)
@@ -73,7 +75,7 @@ class PagedBatchCache:
     """The model's cache protocol (`begin`, `write`, `store`) over a PagedLatentCache for one step."""
 
     def __init__(self, pages: PagedLatentCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 decode_kernel: bool = False, fresh: bool = False):
+                 decode_kernel: bool = False, fresh: bool = False, rotary: RotaryEmbedding | None = None):
         self.pages = pages
         self.block_tables = block_tables  # [B, max_blocks]
         self.context_lens = context_lens  # [B] tokens each row attends to after this step
@@ -83,9 +85,13 @@ class PagedBatchCache:
         # real query looks)
         self.fresh = fresh
         self._slots: torch.Tensor | None = None
+        # the model's RotaryEmbedding: MLA's decode prologue computes cos and sin from the positions
+        self.rotary = rotary
+        self._positions: torch.Tensor | None = None
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
         self._slots = slots.flatten()
+        self._positions = positions.flatten()
         if self.decode_kernel or self.fresh:
             return None  # the kernel bounds each row by context_lens itself; fresh rows are causal
         t = self.block_tables.shape[1] * self.pages.block_size
@@ -111,8 +117,9 @@ class PagedBatchCache:
         the projections -> q_nope [H, B, nope], q_rope [B, H, dr], the latent normed by `norm`
         (kv_a_layernorm), rotated and stored in this step's slots."""
         r = self.pages.kv_lora_rank
-        if mla_prologue.prologue_supported(q, kv, r):
-            return mla_prologue_op(q, kv, cos, sin, norm.weight, norm.eps, self.pages.kv, layer, self._slots, r)
+        if mla_prologue.prologue_supported(q, kv, r) and self.rotary is not None:
+            return mla_prologue_op(q, kv, self._positions, self.rotary.inv_freq, self.rotary.attention_factor,
+                                   norm.weight, norm.eps, self.pages.kv, layer, self._slots, r)
         q_nope, q_rope, rows = mla_prologue.mla_prologue_reference(q, kv, cos, sin, norm.weight, norm.eps, r)
         self.pages.write(layer, self._slots, rows[:, :r], rows[:, r:])
         return q_nope, q_rope
@@ -276,7 +283,7 @@ class ModelRunner:
     def forward(self, views: tuple[torch.Tensor, ...], decode: bool, fresh: bool = False) -> torch.Tensor:
         tokens, positions, slots, tables, context, last = views
         valid = slots != self.scratch * self.pages.block_size
-        cache = PagedBatchCache(self.pages, tables, context, decode and self.use_kernel, fresh)
+        cache = PagedBatchCache(self.pages, tables, context, decode and self.use_kernel, fresh, self.model.rotary)
         return self.model(tokens, positions, valid, cache, slots, absorb=decode, output_index=last)
 
     @torch.inference_mode()

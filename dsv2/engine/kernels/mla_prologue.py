@@ -6,6 +6,8 @@ kv [B, kv_lora_rank + rope] (kv_a_proj_with_mqa's output):
     k_rope = RoPE(kv[:, r:])                            written with c_kv to the row's cache slot
     q_rope = RoPE(q[:, :, nope:])                       [B, H, rope]
     q_nope = q[:, :, :nope] laid out head-major          [H, B, nope], as W^UK's batched GEMV reads it
+with the rotation's cos and sin computed here from each row's position (what RotaryEmbedding
+computes: the compiled step otherwise recomputed them in a small kernel for about half the layers).
 Compiled, these were four kernels a layer (the norm's statistics, the norm with the cache row's
 concatenation, two rotations) and the cache write one more: about 8 us of a batch-1 step's layer on
 an H100, most of it launch and ramp, for a few kilobytes (2.9 us now). Here one program
@@ -43,8 +45,8 @@ if triton is not None:
 
     @triton.jit
     def _prologue_kernel(
-        q_ptr, kv_ptr, cos_ptr, sin_ptr, w_ptr, cache_ptr, slots_ptr, q_nope_ptr, q_rope_ptr,
-        B, eps, stride_qb, stride_qh, stride_kvb, stride_cos,
+        q_ptr, kv_ptr, pos_ptr, inv_freq_ptr, w_ptr, cache_ptr, slots_ptr, q_nope_ptr, q_rope_ptr,
+        B, eps, attention_factor, stride_qb, stride_qh, stride_kvb,
         H: tl.constexpr, NOPE: tl.constexpr, R: tl.constexpr, DR: tl.constexpr,
         BLOCK_H: tl.constexpr, USE_GDC: tl.constexpr,
     ):
@@ -52,8 +54,10 @@ if triton is not None:
         b = tl.program_id(0).to(tl.int64)
         dtype = q_nope_ptr.dtype.element_ty
         half = tl.arange(0, DR // 2)
-        cos = tl.load(cos_ptr + b * stride_cos + half)
-        sin = tl.load(sin_ptr + b * stride_cos + half)
+        # RotaryEmbedding's fp32 math, with the cos and sin that inductor's code for it calls
+        freqs = tl.load(pos_ptr + b).to(tl.float32) * tl.load(inv_freq_ptr + half).to(tl.float32)
+        cos = tl.cos(freqs) * attention_factor
+        sin = tl.sin(freqs) * attention_factor
 
         # the latent: RMSNorm in fp32, rounded to the activations' dtype, times the weight in it
         offs_r = tl.arange(0, R)
@@ -92,19 +96,20 @@ def prologue_supported(q: torch.Tensor, kv: torch.Tensor, kv_lora_rank: int) -> 
     return triton is not None and q.is_cuda and all(d >= 2 and d & (d - 1) == 0 for d in (kv_lora_rank, dr, nope))
 
 
-def launch(q, kv, cos, sin, norm_weight, eps, cache, slots, kv_lora_rank):
+def launch(q, kv, positions, inv_freq, attention_factor, norm_weight, eps, cache, slots, kv_lora_rank):
     """The Triton path: writes the cache rows (cache [slots..., r + dr] viewed flat) and returns
-    (q_nope [H, B, nope], q_rope [B, H, dr])."""
+    (q_nope [H, B, nope], q_rope [B, H, dr]); positions [B] and RotaryEmbedding's inv_freq
+    [dr/2] and attention_factor give the rotation."""
     b, h, width = q.shape
     dr = kv.shape[-1] - kv_lora_rank
     nope = width - dr
-    assert q.stride(-1) == 1 and kv.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride() == cos.stride()
+    assert q.stride(-1) == 1 and kv.stride(-1) == 1 and positions.shape == (b,) and inv_freq.shape == (dr // 2,)
     q_nope = q.new_empty(h, b, nope)
     q_rope = q.new_empty(b, h, dr)
     if b:
         _prologue_kernel[(b,)](
-            q, kv, cos, sin, norm_weight, cache, slots, q_nope, q_rope,
-            b, eps, q.stride(0), q.stride(1), kv.stride(0), cos.stride(0),
+            q, kv, positions, inv_freq, norm_weight, cache, slots, q_nope, q_rope,
+            b, eps, attention_factor, q.stride(0), q.stride(1), kv.stride(0),
             H=h, NOPE=nope, R=kv_lora_rank, DR=dr, BLOCK_H=min(16, triton.next_power_of_2(h)), num_warps=4,
             **pdl.options(q))
     return q_nope, q_rope

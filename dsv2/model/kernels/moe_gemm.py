@@ -14,7 +14,9 @@ syncs with the host and can be captured in a CUDA graph.
 sorted by expert (kernels/moe_route.py), then the SwiGLU GEMM reading each sorted row's token from
 x directly, then the down GEMM writing each row, scaled by its gate value, back to its (token, k)
 place. The shared experts ride along as further experts that every token takes with weight 1, so
-their weights stream in the same launches.
+their weights stream in the same launches. One token (batch-1 decode) needs no sort: its top-k
+experts are distinct, so its k-th assignment is its expert's only row, and the GEMMs read the
+routing's topk_idx as it is (two launches).
 """
 
 from __future__ import annotations
@@ -50,33 +52,41 @@ if triton is not None:
 
     @triton.jit
     def _moe_gemm_kernel(
-        x_ptr, w_ptr, w_up_ptr, ws_ptr, ws_up_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr,
+        x_ptr, w_ptr, w_up_ptr, ws_ptr, ws_up_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, idx_ptr,
         N, K, n_routed, n_experts, x_group, top_k,
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, PRECISION: tl.constexpr,
-        USE_GDC: tl.constexpr,
+        SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DIRECT: tl.constexpr,
+        PRECISION: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         # Weights are [E, N, K] with K contiguous; experts past n_routed (the shared ones) come from
         # ws_ptr with their own strides. GATHER: sorted row p reads x[rows[p] // x_group].
         # SCATTER: sorted row p writes, in fp32 and times its gate value, to out[rows[p]], where
         # rows[p] = token * x_group + k and the gate value is scale[token, k] (1 past top_k).
         # program j of axis 0 serves the j-th expert that has rows (the grid has no more of them
-        # than there are rows), so a step with few tokens launches no programs for idle experts
+        # than there are rows), so a step with few tokens launches no programs for idle experts.
+        # DIRECT (one token): no sort; assignment j is row j and its expert's only row, since the
+        # top-k experts are distinct: routed expert idx[j] for j < top_k, then the shared ones
         j = tl.program_id(0)
         pid_n = tl.program_id(1)
         pdl.grid_wait(USE_GDC)  # which experts are busy is the previous kernels' output
-        offs_e = tl.arange(0, BLOCK_E)
-        e_mask = offs_e < n_experts
-        lo = tl.load(offsets_ptr + offs_e, mask=e_mask, other=0)
-        hi = tl.load(offsets_ptr + offs_e + 1, mask=e_mask, other=0)
-        busy = hi > lo
-        pick = busy & (tl.cumsum(busy.to(tl.int32), 0) == j + 1)
-        if tl.sum(pick.to(tl.int32), 0) == 0:
-            return  # fewer busy experts than programs
-        e = tl.sum(tl.where(pick, offs_e, 0), 0)
-        start = tl.sum(tl.where(pick, lo, 0), 0).to(tl.int32)
-        end = tl.sum(tl.where(pick, hi, 0), 0).to(tl.int32)
+        if DIRECT:
+            routed = tl.load(idx_ptr + tl.minimum(j, top_k - 1)).to(tl.int32)
+            e = tl.where(j < top_k, routed, n_routed + j - top_k)
+            start = j
+            end = j + 1
+        else:
+            offs_e = tl.arange(0, BLOCK_E)
+            e_mask = offs_e < n_experts
+            lo = tl.load(offsets_ptr + offs_e, mask=e_mask, other=0)
+            hi = tl.load(offsets_ptr + offs_e + 1, mask=e_mask, other=0)
+            busy = hi > lo
+            pick = busy & (tl.cumsum(busy.to(tl.int32), 0) == j + 1)
+            if tl.sum(pick.to(tl.int32), 0) == 0:
+                return  # fewer busy experts than programs
+            e = tl.sum(tl.where(pick, offs_e, 0), 0)
+            start = tl.sum(tl.where(pick, lo, 0), 0).to(tl.int32)
+            end = tl.sum(tl.where(pick, hi, 0), 0).to(tl.int32)
         if e < n_routed:
             w_base = w_ptr + e.to(tl.int64) * stride_we
             u_base = w_up_ptr + e.to(tl.int64) * stride_we
@@ -95,7 +105,9 @@ if triton is not None:
         for t in range(n_tiles):
             rows = start + t * BLOCK_M + offs_m
             row_mask = rows < end
-            if GATHER or SCATTER:
+            if DIRECT:
+                assignment = rows
+            elif GATHER or SCATTER:
                 assignment = tl.load(rows_ptr + rows, mask=row_mask, other=0)
             if GATHER:
                 x_rows = assignment // x_group
@@ -143,40 +155,48 @@ def _block_m(rows: int, n_experts: int) -> int:
     return min(64, max(16, triton.next_power_of_2(2 * rows // n_experts)))
 
 
-def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scale=None, top_k=0):
+def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scale=None, top_k=0, idx=None):
     """out[M', N] <- the grouped GEMM of x's rows (sorted, or gathered through `rows`) by w [E, N, K]
-    (and, past E, `shared` = (w, w_up) stacked as [S, N, K]-strided views)."""
+    (and, past E, `shared` = (w, w_up) stacked as [S, N, K]-strided views). With `idx` (one token's
+    topk_idx) instead of `rows` and `offsets`, its assignments are taken in place, unsorted."""
     n_routed, n, k = w.shape
     ws, ws_up = shared if shared is not None else (w, w_up)
     n_experts = n_routed + (ws.shape[0] if shared is not None else 0)
-    assert offsets.shape == (n_experts + 1,), "offsets [E + 1]"
+    if idx is not None:  # one token's assignments: its top-k routed experts, then every shared one
+        top_k = idx.shape[1]
+        assert idx.shape[0] == 1 and x_group == top_k + n_experts - n_routed, "idx [1, top_k] of one token"
+    else:
+        assert offsets.shape == (n_experts + 1,), "offsets [E + 1]"
     assert x.shape[1] == k and ws.shape[1:] == (n, k), "x [M, K], w [E, N, K]"
     assert w_up is None or w_up.shape == w.shape, "w_gate and w_up must have the same shape"
     assert x.dtype == w.dtype == ws.dtype, "x and the weights must share a dtype"
     assert k % 16 == 0 and n % 16 == 0, f"moe_gemm needs K and N multiples of 16, got K={k}, N={n}"
     assert x.stride(1) == w.stride(2) == ws.stride(2) == out.stride(1) == 1, "K and N must be contiguous"
-    m = rows.shape[0] if rows is not None else x.shape[0]
+    direct = idx is not None
+    m = x_group if direct else rows.shape[0] if rows is not None else x.shape[0]
     if m == 0:
         return out
     block_m = _block_m(m, n_experts)
     # No autotuning (shapes vary per step and tuning would time launches inside a capture), so one
-    # choice aimed at streaming: BLOCK_N 64 gives (busy experts) x N/64 programs (V2-Lite: 8 x 22
-    # for one token's 6 routed + 2 shared), enough to fill every SM; each K step reads a 256-byte
-    # run of every weight row (BLOCK_K 128 bf16 / 64 fp32), 16 KB a tile; 4 stages keep 3 tiles
-    # (48 KB) of weights in flight per program, 3 stages of the two SwiGLU tiles 64 KB, which
-    # hides HBM latency; the biggest bf16 case (SwiGLU, BLOCK_M 64) takes 144 KB of the H100's 227 KB
-    # of shared memory, without register spills (ptxas, sm_90a).
-    block_n = min(64, triton.next_power_of_2(n))
+    # choice aimed at streaming: (busy experts) x N/BLOCK_N programs, with BLOCK_N 32 for SwiGLU
+    # (V2-Lite, one token's 6 routed + 2 shared: 8 x 44, against 8 x 22 = 176 for 132 SMs that left
+    # a ragged second round; 34.9 against 36.1 us a layer on an H100, bench/RESULTS.md) and 64 for
+    # the down GEMM (8 x 32; 32 or 128 were no faster). Each K step reads a 256-byte run of every
+    # weight row (BLOCK_K 128 bf16 / 64 fp32); 4 stages keep 3 tiles of weights in flight per
+    # program, 3 stages of the two SwiGLU tiles, which hides HBM latency; the biggest bf16 case
+    # (down, BLOCK_M 64: 4 x 32 KB) fits the H100's 227 KB of shared memory.
+    block_n = min(32 if w_up is not None else 64, triton.next_power_of_2(n))
     block_k = min(256 // x.element_size(), triton.next_power_of_2(k))
     grid = (min(n_experts, m), triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](
-        x, w, w if w_up is None else w_up, ws, ws if ws_up is None else ws_up, out, offsets,
-        offsets if rows is None else rows, out if scale is None else scale,
+        x, w, w if w_up is None else w_up, ws, ws if ws_up is None else ws_up, out,
+        idx if direct else offsets, rows if rows is not None else out, out if scale is None else scale,
+        idx if direct else out,
         n, k, n_routed, n_experts, x_group, top_k,
         x.stride(0), w.stride(0), w.stride(1), ws.stride(0), ws.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(n_experts),
         SWIGLU=w_up is not None,
-        GATHER=rows is not None and scale is None, SCATTER=scale is not None,
+        GATHER=(rows is not None or direct) and scale is None, SCATTER=scale is not None, DIRECT=direct,
         # fp32 gets fp32 dots (not tf32): the fp32 path is the one tests hold to tight bounds
         PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=4, num_stages=3 if w_up is not None else 4, **pdl.options(x))
@@ -201,12 +221,14 @@ def _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, 
     if shared_gate is not None:
         gate_up_shared, down_shared, n_shared = _shared_as_experts((shared_gate, shared_up, shared_down), inter_dim)
     group = top_k + n_shared
-    rows, offsets = moe_align(topk_idx, n_routed, n_shared)
-    h = x.new_empty(rows.shape[0], inter_dim)
-    _launch(x, w_gate, w_up, offsets, h, shared=gate_up_shared, rows=rows, x_group=group)
+    # one token (batch-1 decode) needs no sort: a launch fewer for each MoE layer
+    idx = topk_idx.contiguous() if n_tokens == 1 else None
+    rows, offsets = (None, None) if idx is not None else moe_align(topk_idx, n_routed, n_shared)
+    h = x.new_empty(n_tokens * group, inter_dim)
+    _launch(x, w_gate, w_up, offsets, h, shared=gate_up_shared, rows=rows, x_group=group, idx=idx)
     out = torch.empty(n_tokens * group, dim, dtype=torch.float32, device=x.device)
     _launch(h, w_down, None, offsets, out, shared=down_shared, rows=rows, x_group=group,
-            scale=topk_weight.float().contiguous(), top_k=top_k)
+            scale=topk_weight.float().contiguous(), top_k=top_k, idx=idx)
     return out.view(n_tokens, group, dim)
 
 
