@@ -91,6 +91,42 @@ def test_async_scheduling_changes_nothing_but_timing(model_dir):
     assert any(c[2] == "stop" for o in runs[0] for c in o)  # some stop rule fired early
 
 
+def test_prompt_logprobs_equal_the_model_over_the_whole_prompt(model_dir):
+    """prompt_logprobs as vLLM gives them (None first, then {token: logprob} of the top N and of the
+    prompt token itself), computed over chunked prefills, equal to one forward over each prompt;
+    a prompt whose prefix sits in the prefix cache is still scored from its first token."""
+    import torch
+
+    path, model, tok = model_dir
+    llm = _llm(path, max_num_batched_tokens=24)  # prompts of up to 80 tokens: several chunks
+    prompts, _ = _requests(12, tok.vocab_size, seed=9)
+    warm = llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], SamplingParams(max_tokens=1))
+    assert len(warm) == 4
+    params = [SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=k % 3 * 2, n=1 + (k == 5))
+              for k in range(len(prompts))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for p, params_k, out in zip(prompts, params, outs):
+        with torch.no_grad():
+            want = model(torch.tensor([p])).float().log_softmax(-1)[0]
+        got = out.prompt_logprobs
+        assert len(got) == len(p) and got[0] is None
+        for i in range(1, len(p)):
+            entry = got[i]
+            assert p[i] in entry and len(entry) <= params_k.prompt_logprobs + 1
+            assert entry[p[i]] == pytest.approx(want[i - 1, p[i]].item(), abs=1e-4)
+            top = want[i - 1].topk(params_k.prompt_logprobs).indices.tolist() if params_k.prompt_logprobs else []
+            assert set(top) <= set(entry)
+            for t, v in entry.items():
+                assert v == pytest.approx(want[i - 1, t].item(), abs=1e-4)
+        assert out.outputs[0].token_ids == generate(model, [p], 3)[0]
+    assert sum(o.num_cached_tokens for o in outs) == 0  # scored prompts take no cached blocks
+    assert llm.engine.blocks.all_free()
+    plain = llm.generate({"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=1))[0]
+    assert plain.prompt_logprobs is None
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21)
+
+
 def test_n_samples_and_text(model_dir):
     path, _, tok = model_dir
     llm = _llm(path)

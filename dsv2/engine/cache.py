@@ -350,17 +350,18 @@ class BlockManager:
         revived = sum(1 for b in matched if self.ref[b] == 0)
         return self.blocks_needed(len(token_ids)) - len(matched), len(self._free) - revived
 
-    def can_allocate(self, token_ids: Sequence[int]) -> bool:
-        need, have = self._fresh_needed(token_ids, self._match(token_ids))
+    def can_allocate(self, token_ids: Sequence[int], reuse: bool = True) -> bool:
+        need, have = self._fresh_needed(token_ids, self._match(token_ids) if reuse else [])
         return need <= have
 
-    def allocate(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
+    def allocate(self, token_ids: Sequence[int], reuse: bool = True) -> tuple[list[int], int]:
         """Blocks for a new sequence's prompt -> (block_table, num_cached_tokens). The engine must
         compute tokens [num_cached_tokens, len(token_ids)); num_cached_tokens is a multiple of
-        block_size and at most len(token_ids) - 1."""
+        block_size and at most len(token_ids) - 1. reuse=False takes no cached blocks (the
+        sequence's full blocks are still registered for others as it computes them)."""
         if not token_ids:
             raise ValueError("cannot allocate an empty prompt: there is no token to compute")
-        matched = self._match(token_ids)
+        matched = self._match(token_ids) if reuse else []
         need, have = self._fresh_needed(token_ids, matched)
         if need > have:
             raise OutOfBlocks(f"prompt of {len(token_ids)} tokens needs {need} free blocks "

@@ -44,6 +44,9 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     new_text: list[str] = field(default_factory=list)  # per sample: text produced by the last step
+    # with SamplingParams.prompt_logprobs: per prompt token, {token id: logprob} of the top N and
+    # of the token itself (None for the first token, which nothing predicts), as vLLM gives them
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -138,6 +141,8 @@ class LLMEngine:
             seq = Sequence(next(self._ids), request_id, i, list(prompt_token_ids), params, arrival,
                            generator=None if seed is None else make_generator(seed, self.runner.device),
                            detokenizer=None if self.tokenizer is None else Detokenizer(self.tokenizer, params))
+            if i == 0 and params.prompt_logprobs is not None:  # one sample scores the prompt
+                seq.prompt_logprobs = [None] * len(prompt_token_ids)
             seqs.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
@@ -163,10 +168,11 @@ class LLMEngine:
         With async scheduling a step launches its batch and, while the GPU runs it, reads back and
         processes the previous step's tokens: outputs come one step late, and a decode row whose
         input is the token still in flight takes it on the device. A batch that reads token
-        history on the host (penalties) or asks for top logprobs runs synchronously."""
+        history on the host (penalties) or asks for top or prompt logprobs runs synchronously."""
         batch = self.scheduler.schedule()
         sync = not self.cfg.async_scheduling or any(
-            seq.params.has_penalties or seq.params.logprobs is not None for seq, _ in batch.items)
+            seq.params.has_penalties or seq.params.logprobs is not None or seq.needs_prompt_logprobs
+            for seq, _ in batch.items)
         outputs, was_inflight = [], self._inflight is not None
         if self._inflight is not None and (sync or not batch.items):
             outputs, self._inflight = self._process(self._inflight), None
@@ -189,7 +195,14 @@ class LLMEngine:
         pending = None
         if self._inflight is not None:
             pending = (self._inflight.token_ids, {seq.seq_id: j for j, seq in enumerate(self._inflight.seqs)})
-        logits = self.runner.run(items, pending)
+        scoring = [i for i, (seq, _) in enumerate(items)
+                   if seq.needs_prompt_logprobs and seq.num_computed_tokens < len(seq.prompt_token_ids)]
+        if scoring:
+            logits, every = self.runner.run_every_position(items, pending)
+            for i in scoring:
+                _record_prompt_logprobs(items[i][0], items[i][1], every[i])
+        else:
+            logits = self.runner.run(items, pending)
         step = _Step(items=items, computed=[], seqs=[], slots=[])
         rows = []
         for i, (seq, n) in enumerate(items):
@@ -265,8 +278,26 @@ class LLMEngine:
                                     s.finish_reason, s.stop_reason) for s in seqs]
         # the prompt's list itself, not a copy per step: the engine never changes it
         out = RequestOutput(request_id, self.prompts[request_id], seqs[0].prompt_token_ids, outputs,
-                            finished, seqs[0].num_cached_tokens, new_text)
+                            finished, seqs[0].num_cached_tokens, new_text,
+                            None if seqs[0].prompt_logprobs is None else list(seqs[0].prompt_logprobs))
         if finished:
             del self.requests[request_id]
             del self.prompts[request_id]
         return out
+
+
+def _record_prompt_logprobs(seq: Sequence, n: int, logits: torch.Tensor) -> None:
+    """The prompt logprobs a chunk of n tokens from seq.num_computed_tokens gives: position p's
+    logits [W, V] predict prompt token p + 1."""
+    prompt, start = seq.prompt_token_ids, seq.num_computed_tokens
+    m = min(start + n, len(prompt) - 1) - start
+    if m <= 0:
+        return
+    lp = logits[:m].float().log_softmax(-1)
+    targets = prompt[start + 1:start + 1 + m]
+    chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+    k = seq.params.prompt_logprobs
+    top_values, top_ids = lp.topk(k, dim=-1) if k else (None, None)
+    top = zip(top_ids.tolist(), top_values.tolist()) if k else (([], []) for _ in range(m))
+    for j, ((ids, values), token, value) in enumerate(zip(top, targets, chosen)):
+        seq.prompt_logprobs[start + 1 + j] = {**dict(zip(ids, values)), token: value}

@@ -1,7 +1,7 @@
 """SamplingParams: the per-request knobs, named and bounded as in vLLM so its users need no manual.
 
 Differences from vLLM, all deliberate: max_tokens must be an int (no None = "up to the context"),
-there is no best_of, logit_bias, prompt_logprobs or guided decoding, and temperatures in
+there is no best_of, logit_bias or guided decoding, and temperatures in
 [1e-6, 0.01) are kept as given (vLLM raises them to 0.01; float32 logits divided by such a
 temperature are still finite, and softmax subtracts the maximum). Below 1e-6 (and a repetition
 penalty below 1e-6) the quotient can overflow to inf and fail the step of every request batched
@@ -38,6 +38,7 @@ class SamplingParams:
     max_tokens: int = 16
     min_tokens: int = 0
     logprobs: int | None = None  # top-N logprobs per generated token; 0 = only the chosen token's
+    prompt_logprobs: int | None = None  # the same for each prompt token (the first has none)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -73,10 +74,12 @@ class SamplingParams:
             raise ValueError(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
             )
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs)
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value)
+                if not 0 <= value <= MAX_LOGPROBS:
+                    raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}] or None, got {value}")
         if self.seed is not None:
             _check_int("seed", self.seed)
             if not _SEED_RANGE[0] <= self.seed <= _SEED_RANGE[1]:

@@ -280,11 +280,29 @@ class ModelRunner:
     def _prefill_step(self, *views: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         return self.forward(views, decode=False, fresh=fresh)
 
-    def forward(self, views: tuple[torch.Tensor, ...], decode: bool, fresh: bool = False) -> torch.Tensor:
+    def forward(self, views: tuple[torch.Tensor, ...], decode: bool, fresh: bool = False,
+                every_position: bool = False) -> torch.Tensor:
         tokens, positions, slots, tables, context, last = views
         valid = slots != self.scratch * self.pages.block_size
         cache = PagedBatchCache(self.pages, tables, context, decode and self.use_kernel, fresh, self.model.rotary)
-        return self.model(tokens, positions, valid, cache, slots, absorb=decode, output_index=last)
+        return self.model(tokens, positions, valid, cache, slots, absorb=decode,
+                          output_index=None if every_position else last)
+
+    @torch.inference_mode()
+    def run_every_position(self, items: list[tuple[Sequence, int]],
+                           pending: tuple[torch.Tensor, dict[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `run`, and the logits at every position too, for prompt logprobs: ([B, V] at each
+        row's last token, [B, W, V] where row i's first n_i positions are its chunk). One uncaptured
+        prefill-form step over all the rows: such steps are for scoring, not for speed."""
+        in_flight, rows_of = pending if pending is not None else (None, None)
+        width = max(n for _, n in items)
+        inputs = self._pack(items, len(items), width, max(len(seq.block_table) for seq, _ in items), rows_of)
+        packed = inputs.packed.to(self.device, non_blocking=True)
+        inputs.fill_pending(packed, in_flight)
+        views = inputs.views(packed)
+        fresh = self.fresh_prefill and all(s.num_computed_tokens == 0 for s, _ in items)
+        logits = self.forward(views, decode=False, fresh=fresh, every_position=True)
+        return logits[torch.arange(len(items), device=logits.device), views[-1]], logits
 
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]],

@@ -78,9 +78,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             tokens = seq.all_token_ids
-            if not self.blocks.can_allocate(tokens):
+            reuse = not seq.needs_prompt_logprobs
+            if not self.blocks.can_allocate(tokens, reuse):
                 break
-            seq.block_table, seq.num_cached_tokens = self.blocks.allocate(tokens)
+            seq.block_table, seq.num_cached_tokens = self.blocks.allocate(tokens, reuse)
             seq.num_computed_tokens = seq.num_cached_tokens
             self.waiting.popleft()
             seq.status = Status.RUNNING

@@ -37,6 +37,8 @@ class Sequence:
     detokenizer: "object | None" = None
     text: str = ""
     logprobs: list = field(default_factory=list)
+    # prompt_logprobs: entry i for prompt token i (None for the first), filled as chunks run
+    prompt_logprobs: list | None = None
     cumulative_logprob: float = 0.0
     num_preemptions: int = 0
 
@@ -53,6 +55,12 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asked for and not all computed yet: such a sequence computes its whole prompt itself
+        (no prefix-cache hits, whose tokens would have no logits)."""
+        return self.prompt_logprobs is not None and self.prompt_logprobs.count(None) > 1
 
     @property
     def finished(self) -> bool:
