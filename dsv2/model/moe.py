@@ -2,9 +2,9 @@
 
 Routed experts are stored stacked ([E, out, in], the per-expert checkpoint tensors stacked) and run
 as one grouped matmul over the tokens sorted by expert, so each expert touches only its own tokens.
-Decode-sized inference batches take the fused path instead: routing in one Triton launch
-(kernels/moe_route.py) and routed plus shared experts in three (kernels/moe_gemm.py), streaming
-each active expert's weights once. `Experts.reference` is the per-token, per-expert twin that tests
+Decode-sized inference batches take the fused path instead: routing in two Triton launches
+(kernels/moe_route.py) and routed plus shared experts in three, two for a single token
+(kernels/moe_gemm.py), streaming each active expert's weights once. `Experts.reference` is the per-token, per-expert twin that tests
 hold the fast paths to.
 """
 
