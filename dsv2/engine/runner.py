@@ -115,7 +115,8 @@ class PagedBatchCache:
                         norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """MLA's decode inputs (kernels/mla_prologue.py): q [B, H, nope + dr] and kv [B, r + dr] from
         the projections -> q_nope [H, B, nope], q_rope [B, H, dr], the latent normed by `norm`
-        (kv_a_layernorm), rotated and stored in this step's slots."""
+        (kv_a_layernorm), rotated and stored in this step's slots. The kernel computes the rotation
+        from the positions and the rotary module; `cos` and `sin` serve the reference path."""
         r = self.pages.kv_lora_rank
         if mla_prologue.prologue_supported(q, kv, r) and self.rotary is not None:
             return mla_prologue_op(q, kv, self._positions, self.rotary.inv_freq, self.rotary.attention_factor,
