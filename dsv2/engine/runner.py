@@ -295,12 +295,8 @@ class ModelRunner:
         """As `run`, and the logits at every position too, for prompt logprobs: ([B, V] at each
         row's last token, [B, W, V] where row i's first n_i positions are its chunk). One uncaptured
         prefill-form step over all the rows: such steps are for scoring, not for speed."""
-        in_flight, rows_of = pending if pending is not None else (None, None)
-        width = max(n for _, n in items)
-        inputs = self._pack(items, len(items), width, max(len(seq.block_table) for seq, _ in items), rows_of)
-        packed = inputs.packed.to(self.device, non_blocking=True)
-        inputs.fill_pending(packed, in_flight)
-        views = inputs.views(packed)
+        views = self._uncaptured_views(items, max(n for _, n in items),
+                                       max(len(seq.block_table) for seq, _ in items), pending)
         fresh = self.fresh_prefill and all(s.num_computed_tokens == 0 for s, _ in items)
         logits = self.forward(views, decode=False, fresh=fresh, every_position=True)
         return logits[torch.arange(len(items), device=logits.device), views[-1]], logits
@@ -349,11 +345,16 @@ class ModelRunner:
                     step = self.decode_step if decode else functools.partial(self.prefill_step, fresh=fresh)
                     graph = self.graphs[key] = StepGraph(step, inputs, self.device, self._pool)
                 return graph.replay(inputs, in_flight)[:rows]
-        inputs = self._pack(items, rows, width, table_width, rows_of)
+        views = self._uncaptured_views(items, width, table_width, pending)
+        return self.forward(views, decode=True) if decode else self.prefill_step(*views, fresh=fresh)
+
+    def _uncaptured_views(self, items, width: int, table_width: int, pending) -> tuple[torch.Tensor, ...]:
+        """A step's inputs on the device at its own shape, for a step run without a graph."""
+        in_flight, rows_of = pending if pending is not None else (None, None)
+        inputs = self._pack(items, len(items), width, table_width, rows_of)
         packed = inputs.packed.to(self.device, non_blocking=True)
         inputs.fill_pending(packed, in_flight)
-        views = inputs.views(packed)
-        return self.forward(views, decode=True) if decode else self.prefill_step(*views, fresh=fresh)
+        return inputs.views(packed)
 
     def _pack(self, items, rows: int, width: int, table_width: int, rows_of) -> StepInputs:
         return pack_inputs(items, rows, width, table_width, self.pages.block_size, self.scratch, rows_of, self.device)

@@ -59,8 +59,10 @@ class Sequence:
     @property
     def needs_prompt_logprobs(self) -> bool:
         """Asked for and not all computed yet: such a sequence computes its whole prompt itself
-        (no prefix-cache hits, whose tokens would have no logits)."""
-        return self.prompt_logprobs is not None and self.prompt_logprobs.count(None) > 1
+        (no prefix-cache hits, whose tokens would have no logits). Chunks fill the entries in
+        order, so the last one is filled last."""
+        pl = self.prompt_logprobs
+        return pl is not None and len(pl) > 1 and pl[-1] is None
 
     @property
     def finished(self) -> bool:
