@@ -290,3 +290,31 @@ def test_decode_through_the_cache_ops_equals_the_gather_path(model_dir):
     torch.testing.assert_close(through_ops, gathered, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rows[:, slots], written, rtol=0, atol=0)
     assert written.abs().sum(-1).gt(0).all()  # every layer wrote a real row
+
+
+def test_compiled_blocks_are_one_program_for_every_layer():
+    """Steps are compiled block by block (on CUDA): each block takes its layer's part of the cache,
+    not its index, so one compiled program serves every layer and a new kind of step compiles one
+    block, not the model unrolled. Forced on CPU (dynamo's graphs run by aot_eager): a prefill and
+    decodes through compiled parts give the eager tokens, and the four layers' blocks are two
+    programs, one per kind of step, where a layer index in the graph would make eight."""
+    import torch
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from dsv2.engine import runner as runner_module
+
+    model = random_model(tiny_config(num_hidden_layers=4, first_k_dense_replace=4, vocab_size=300), seed=2)
+
+    def tokens(compiled):
+        engine = LLMEngine(model, None, EngineConfig(block_size=16, num_blocks=8, max_model_len=64,
+                                                     async_scheduling=False))
+        if compiled:
+            engine.runner.compiled = engine.runner.compile_prefill = True
+            engine.runner._compile(backend="aot_eager")
+        engine.add_request("r", [5, 6, 7, 8, 9, 10, 11], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        return next(o for _ in range(8) for o in engine.step() if o.finished).outputs[0].token_ids
+
+    torch._dynamo.reset()
+    assert tokens(compiled=True) == tokens(compiled=False)
+    # a fresh prefill of one row, then decodes of one row
+    assert len(_debug_get_cache_entry_list(runner_module._block_stream.__code__)) == 2

@@ -63,6 +63,27 @@ def test_triton_mla_decode_against_reference(b, h, lengths, splits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("h, v, lengths, splits", [(16, 128, [1], None), (16, 128, [1500], None), (20, 48, [300], 4),
+                                                    (128, 128, [4100], None)])
+def test_triton_mla_decode_folds_w_uv_for_one_sequence(h, v, lengths, splits):
+    """One sequence: the merge takes each head's latent output through its W^UV ([H, v, r] inside
+    kv_b_proj's per-head rows, strided), against the reference in float64."""
+    for seed in range(2):
+        q_lat, q_rope, kv, tables, lens = _case(1, h, lengths, device="cuda", seed=seed)
+        q_lat, q_rope, kv = q_lat.bfloat16(), q_rope.bfloat16(), kv.bfloat16()
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        kv_b = torch.randn(h, 128 + v, 512, device="cuda", generator=g) / 512 ** 0.5
+        w_uv = kv_b.bfloat16()[:, 128:]
+        scale = 192 ** -0.5
+        got = mla_decode(q_lat, q_rope, kv, tables, lens, scale, 512, num_splits=splits, w_uv=w_uv)
+        want = mla_decode_reference(q_lat.double(), q_rope.double(), kv.double(), tables, lens, scale, 512,
+                                    w_uv.double())
+        assert got.dtype == torch.bfloat16 and got.shape == (1, h, v)
+        assert ((got.double() - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("b, h, d, lengths, block_size, splits", [
     (1, 32, 128, [1], 64, None), (3, 8, 128, [63, 64, 65], 64, None),
@@ -208,6 +229,38 @@ def test_triton_fused_experts_against_reference(n, k, n_experts, inter, dim, n_s
         assert torch.isfinite(got).all()  # no idle expert's (NaN) weights were read
         err = (got.double() - want).norm() / want.norm()
         assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k, n_experts, inter, dim, n_shared", [
+    (6, 64, 1408, 2048, 2),  # V2-Lite
+    (6, 8, 256, 5120, 2),  # V2's hidden width: 80 column tiles
+    (4, 8, 48, 96, 1),  # a column tail
+    (1, 4, 32, 64, 0),  # one program per column tile
+])
+def test_triton_one_token_experts_add_the_residual_in_the_down_gemm(k, n_experts, inter, dim, n_shared, dtype):
+    """One token: the down GEMM's last program per column tile sums the experts' parts and adds the
+    residual. Against the reference; the same bits on every call (the sum's order is fixed, not
+    the programs' finishing order), and the tile tickets back at zero after each launch."""
+    from dsv2.model.kernels import moe_gemm
+
+    for seed in range(2):
+        x, idx, weight, w_gate, w_up, w_down, shared, _ = _experts_case(
+            1, k, n_experts, inter, dim, n_shared, seed, "cuda", dtype, 0.0)
+        residual = torch.randn(1, dim, device="cuda", dtype=dtype)
+        got = fused_experts(x, idx, weight, w_gate, w_up, w_down, shared, residual=residual)
+        clean = [w.nan_to_num() for w in (w_gate, w_up, w_down)]
+        want = residual.double() + fused_experts_reference(
+            x.double(), idx, weight.double(), *(w.double() for w in clean),
+            None if shared is None else tuple(w.double() for w in shared))
+        assert got.dtype == dtype and got.shape == (1, dim)
+        err = (got.double() - want).norm() / want.norm()
+        assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
+        for _ in range(20):
+            assert torch.equal(fused_experts(x, idx, weight, w_gate, w_up, w_down, shared, residual=residual), got)
+        assert not moe_gemm._tickets(x.device).any()
 
 
 @pytest.mark.gpu

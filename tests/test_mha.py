@@ -179,8 +179,6 @@ class KernelDecodeCache:
     """The hook a decode step's cache offers MHA (the engine's PagedBatchCache on CUDA): store the
     step's keys and values in the pages, then attend by the kernel straight over them."""
 
-    decode_kernel = True
-
     def __init__(self, pages, block_tables, context_lens):
         self.pages, self.block_tables, self.context_lens = pages, block_tables, context_lens
         self.layers_attended = 0
@@ -189,12 +187,23 @@ class KernelDecodeCache:
         self.slots = slots.flatten()
         return None  # the kernel bounds each row by context_lens
 
-    def store(self, layer, k, v):
-        self.pages.write(layer, self.slots, k.flatten(0, 1), v.flatten(0, 1))
+    def layer(self, i):
+        return KernelDecodeLayer(self, i)
 
-    def decode_attention_mha(self, layer, q, scale):
-        self.layers_attended += 1
-        return mha_decode(q, self.pages.kv[layer], self.block_tables, self.context_lens, scale)
+
+class KernelDecodeLayer:
+    decode_kernel = True
+
+    def __init__(self, step, i):
+        self.step, self.i = step, i
+
+    def store(self, k, v):
+        self.step.pages.write(self.i, self.step.slots, k.flatten(0, 1), v.flatten(0, 1))
+
+    def decode_attention_mha(self, q, scale):
+        s = self.step
+        s.layers_attended += 1
+        return mha_decode(q, s.pages.kv[self.i], s.block_tables, s.context_lens, scale)
 
 
 def test_kernel_decode_path_equals_the_full_forward():

@@ -142,13 +142,13 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 # The plain layout's write as a custom op: torch.compile (the engine's compiled steps) then treats it
 # as one opaque in-place call on the cache instead of functionalizing it into a copy of the cache.
 @torch.library.custom_op("dsv2::store_rows", mutates_args=("kv",))
-def store_rows(kv: torch.Tensor, layer: int, slots: torch.Tensor, rows: torch.Tensor) -> None:
-    """kv [layers, blocks, block_size, width]: token i's row goes to slot slots[i] of `layer`."""
-    kv[layer].view(-1, kv.shape[-1]).index_copy_(0, slots, rows.to(kv.dtype))
+def store_rows(kv: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """kv [blocks, block_size, width], one layer's pages: token i's row goes to slot slots[i]."""
+    kv.view(-1, kv.shape[-1]).index_copy_(0, slots, rows.to(kv.dtype))
 
 
 @store_rows.register_fake
-def _(kv, layer, slots, rows) -> None:
+def _(kv, slots, rows) -> None:
     return None
 
 
@@ -213,32 +213,45 @@ class PagedLatentCache:
         return (dequantize_int6(f["c_kv"], f["c_kv_scale"], self.group, dtype),
                 dequantize_fp8(f["k_rope"], f["k_rope_scale"], dtype))
 
+    def layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """One layer's stored fields (`store`'s names), views [blocks, block_size, n]."""
+        return {name: x[layer] for name, x in self.store.items()}
+
     def write(self, layer: int, slots: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Store token i's latent and rope key in slot slots[i] (block_id * block_size + offset)."""
         self.compute_dtype = c_kv.dtype
+        self.write_fields(self.layer(layer), slots, c_kv, k_rope)
+
+    def write_fields(self, fields: dict[str, torch.Tensor], slots: torch.Tensor, c_kv: torch.Tensor,
+                     k_rope: torch.Tensor) -> None:
+        """`write` into one layer's `fields`."""
         if not self.quantized:
-            store_rows(self.kv, layer, slots, torch.cat([c_kv, k_rope], dim=-1))
+            store_rows(fields["kv"], slots, torch.cat([c_kv, k_rope], dim=-1))
             return
         for name, value in self.quantize(c_kv, k_rope).items():
-            rows = self.store[name][layer].view(-1, value.shape[-1])
+            rows = fields[name].view(-1, value.shape[-1])
             _raw(rows).index_copy_(0, slots, _raw(value.to(rows.dtype)))
 
     def gather(self, layer: int, block_table: torch.Tensor, lengths: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """block_table [B, max_blocks] (-1 pads), lengths [B] -> c_kv [B, T, r], k_rope [B, T, dr]
-        with T = max_blocks * block_size: the slow, obviously right twin of a paged decode kernel.
-        Positions at or past a row's length must still be masked by the caller; they are zeroed here
-        so a block's previous owner never shows through."""
+        with T = max_blocks * block_size, in the dtype of the latest write: the slow, obviously
+        right twin of a paged decode kernel. Positions at or past a row's length must still be
+        masked by the caller; they are zeroed here so a block's previous owner never shows through."""
+        return self.gather_fields(self.layer(layer), block_table, lengths, self.compute_dtype)
+
+    def gather_fields(self, fields: dict[str, torch.Tensor], block_table: torch.Tensor, lengths: torch.Tensor,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gather` from one layer's `fields`, returned in `dtype`."""
         b, m = block_table.shape
         t = m * self.block_size
         idx = block_table.clamp(min=0)
         past = torch.arange(t, device=block_table.device)[None, :] >= lengths[:, None]
         if not self.quantized:
-            kv = self.kv[layer][idx].reshape(b, t, self.width).masked_fill(past[..., None], 0)
-            kv = kv.to(self.compute_dtype)  # a bf16 cache under an fp32 model: attend in fp32
+            kv = fields["kv"][idx].reshape(b, t, self.width).masked_fill(past[..., None], 0)
+            kv = kv.to(dtype)  # a bf16 cache under an fp32 model: attend in fp32
             return kv[..., : self.kv_lora_rank], kv[..., self.kv_lora_rank:]
-        fields = {name: x[layer][idx].reshape(b, t, -1) for name, x in self.store.items()}
-        c_kv, k_rope = self.dequantize(fields, self.compute_dtype)
+        c_kv, k_rope = self.dequantize({name: x[idx].reshape(b, t, -1) for name, x in fields.items()}, dtype)
         return c_kv.masked_fill(past[..., None], 0), k_rope.masked_fill(past[..., None], 0)
 
     @property

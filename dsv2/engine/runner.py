@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..model import Transformer
+from ..model.kernels.small_linear import batched_small_linear
 from ..model.moe import grouped_mm_supported
 from ..model.rope import RotaryEmbedding
 from .cache import PagedLatentCache
@@ -36,25 +37,28 @@ from .sequence import PENDING, Sequence
 # them as opaque calls instead of tracing into the Triton launch, and fuses everything around them.
 @torch.library.custom_op("dsv2::mla_decode", mutates_args=())
 def mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
-                  context_lens: torch.Tensor, scale: float, kv_lora_rank: int) -> torch.Tensor:
-    return mla_decode(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank)
+                  context_lens: torch.Tensor, scale: float, kv_lora_rank: int,
+                  w_uv: torch.Tensor | None) -> torch.Tensor:
+    return mla_decode(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank, w_uv=w_uv)
 
 
 @mla_decode_op.register_fake
-def _(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank):
+def _(q_latent, q_rope, kv, block_tables, context_lens, scale, kv_lora_rank, w_uv):
+    if w_uv is not None:
+        return q_latent.new_empty(*q_latent.shape[:2], w_uv.shape[1], dtype=w_uv.dtype)
     return q_latent.new_empty(q_latent.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("dsv2::mla_prologue", mutates_args=("cache",))
 def mla_prologue_op(q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                    attention_factor: float, norm_weight: torch.Tensor, eps: float, cache: torch.Tensor, layer: int,
+                    attention_factor: float, norm_weight: torch.Tensor, eps: float, cache: torch.Tensor,
                     slots: torch.Tensor, kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return mla_prologue.launch(q, kv, positions, inv_freq, attention_factor, norm_weight, eps, cache[layer], slots,
+    return mla_prologue.launch(q, kv, positions, inv_freq, attention_factor, norm_weight, eps, cache, slots,
                                kv_lora_rank)
 
 
 @mla_prologue_op.register_fake
-def _(q, kv, positions, inv_freq, attention_factor, norm_weight, eps, cache, layer, slots, kv_lora_rank):
+def _(q, kv, positions, inv_freq, attention_factor, norm_weight, eps, cache, slots, kv_lora_rank):
     b, h, width = q.shape
     dr = kv.shape[-1] - kv_lora_rank
     return q.new_empty(h, b, width - dr), q.new_empty(b, h, dr)
@@ -72,7 +76,7 @@ def _(q, kv, block_tables, context_lens, scale):
 
 
 class PagedBatchCache:
-    """The model's cache protocol (`begin`, `write`, `store`) over a PagedLatentCache for one step."""
+    """A step's cache for the model (`begin`, then `layer(i)` for each block) over a PagedLatentCache."""
 
     def __init__(self, pages: PagedLatentCache, block_tables: torch.Tensor, context_lens: torch.Tensor,
                  decode_kernel: bool = False, fresh: bool = False, rotary: RotaryEmbedding | None = None):
@@ -84,14 +88,14 @@ class PagedBatchCache:
         # causally over this step's own latents (padding sits after each row's tokens, where no
         # real query looks)
         self.fresh = fresh
-        self._slots: torch.Tensor | None = None
+        self.slots: torch.Tensor | None = None
         # the model's RotaryEmbedding: MLA's decode prologue computes cos and sin from the positions
         self.rotary = rotary
-        self._positions: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
 
     def begin(self, positions: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
-        self._slots = slots.flatten()
-        self._positions = positions.flatten()
+        self.slots = slots.flatten()
+        self.positions = positions.flatten()
         if self.decode_kernel or self.fresh:
             return None  # the kernel bounds each row by context_lens itself; fresh rows are causal
         t = self.block_tables.shape[1] * self.pages.block_size
@@ -102,37 +106,60 @@ class PagedBatchCache:
         mask = mask | (~valid[:, :, None] & (key[None, None, :] == 0))
         return mask[:, None]
 
-    def store(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
-        self.pages.write(layer, self._slots, c_kv.flatten(0, 1), k_rope.flatten(0, 1))
+    def layer(self, i: int) -> PagedLayer:
+        return PagedLayer(self, i)
 
-    def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.store(layer, c_kv, k_rope)
-        if self.fresh:
+
+class PagedLayer:
+    """Layer i's part of a step's PagedBatchCache (the model's LayerCache). It holds that layer's
+    pages, not i: every layer's block then runs the same compiled program."""
+
+    def __init__(self, step: PagedBatchCache, i: int):
+        self.step = step
+        self.decode_kernel = step.decode_kernel
+        self.fields = step.pages.layer(i)
+
+    def store(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> None:
+        self.step.pages.write_fields(self.fields, self.step.slots, c_kv.flatten(0, 1), k_rope.flatten(0, 1))
+
+    def write(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.store(c_kv, k_rope)
+        s = self.step
+        if s.fresh:
             return c_kv, k_rope
-        return self.pages.gather(layer, self.block_tables, self.context_lens)
+        return s.pages.gather_fields(self.fields, s.block_tables, s.context_lens, c_kv.dtype)
 
-    def decode_prologue(self, layer: int, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def decode_prologue(self, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """MLA's decode inputs (kernels/mla_prologue.py): q [B, H, nope + dr] and kv [B, r + dr] from
         the projections -> q_nope [H, B, nope], q_rope [B, H, dr], the latent normed by `norm`
         (kv_a_layernorm), rotated and stored in this step's slots. The kernel computes the rotation
         from the positions and the rotary module; `cos` and `sin` serve the reference path."""
-        r = self.pages.kv_lora_rank
-        if mla_prologue.prologue_supported(q, kv, r) and self.rotary is not None:
-            return mla_prologue_op(q, kv, self._positions, self.rotary.inv_freq, self.rotary.attention_factor,
-                                   norm.weight, norm.eps, self.pages.kv, layer, self._slots, r)
+        s = self.step
+        r = s.pages.kv_lora_rank
+        if mla_prologue.prologue_supported(q, kv, r) and s.rotary is not None:
+            return mla_prologue_op(q, kv, s.positions, s.rotary.inv_freq, s.rotary.attention_factor,
+                                   norm.weight, norm.eps, self.fields["kv"], s.slots, r)
         q_nope, q_rope, rows = mla_prologue.mla_prologue_reference(q, kv, cos, sin, norm.weight, norm.eps, r)
-        self.pages.write(layer, self._slots, rows[:, :r], rows[:, r:])
+        s.pages.write_fields(self.fields, s.slots, rows[:, :r], rows[:, r:])
         return q_nope, q_rope
 
-    def decode_attention(self, layer: int, q_latent: torch.Tensor, q_rope: torch.Tensor, scale: float):
-        """[B, H, r] latent outputs of one decode token per row, by the Triton kernel over the pages."""
-        return mla_decode_op(q_latent, q_rope, self.pages.kv[layer], self.block_tables, self.context_lens,
-                             scale, self.pages.kv_lora_rank)
+    def decode_attention(self, q_latent: torch.Tensor, q_rope: torch.Tensor, scale: float,
+                         w_uv: torch.Tensor) -> torch.Tensor:
+        """[B, H, v]: one decode token per row attending over the pages (the Triton kernel), its
+        latent output per head taken through W^UV [H, v, r]. For one row the kernel's merge applies
+        W^UV; more rows read it per head in one batched launch (heads as the batch, the fp32 latent
+        outputs read as they are)."""
+        s = self.step
+        one = q_latent.shape[0] == 1
+        o = mla_decode_op(q_latent, q_rope, self.fields["kv"], s.block_tables, s.context_lens, scale,
+                          s.pages.kv_lora_rank, w_uv if one else None)
+        return o if one else batched_small_linear(o.transpose(0, 1), w_uv).transpose(0, 1)
 
-    def decode_attention_mha(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+    def decode_attention_mha(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """[B, H, D] outputs of one decode token per row of a dense MHA model (q rotated), over the pages."""
-        return mha_decode_op(q, self.pages.kv[layer], self.block_tables, self.context_lens, scale)
+        s = self.step
+        return mha_decode_op(q, self.fields["kv"], s.block_tables, s.context_lens, scale)
 
 
 @dataclass
@@ -267,13 +294,22 @@ class ModelRunner:
         # Steps compiled on CUDA: a step is some hundred small kernels per layer (norms, rope,
         # routing, casts), and fused they cost a fraction of the GPU time. Then captured: launched
         # one by one from Python, even the compiled kernels of a 2048-token prefill kept the host
-        # busy longer than the GPU (bench/RESULTS.md). Compilation happens at the first step of a
-        # new kind of shape (a minute or two for V2-Lite); capture at each new bucketed shape.
-        self.decode_step, self.prefill_step = self._decode_step, self._prefill_step
-        if self.use_graphs and compile:
-            self.decode_step = torch.compile(self._decode_step, dynamic=True)
-            if compile_prefill:
-                self.prefill_step = torch.compile(self._prefill_step, dynamic=True)
+        # busy longer than the GPU (bench/RESULTS.md). Compiled block by block: the blocks of a
+        # model are one program (each takes its layer's pages, not its index), so a new kind of
+        # step compiles one dense and one MoE block instead of every layer unrolled. Captured at
+        # each new bucketed shape.
+        self.compiled = self.use_graphs and compile
+        self.compile_prefill = self.compiled and compile_prefill
+        if self.compiled:
+            self._compile()
+
+    def _compile(self, backend: str = "inductor") -> None:
+        # each kind of step (decode or prefill, fresh or not, one row or many) is its own entry for
+        # the one block program
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._compiled_embed = torch.compile(self._embed, dynamic=True, backend=backend)
+        self._compiled_block = torch.compile(_block_stream, dynamic=True, backend=backend)
+        self._compiled_logits = torch.compile(self.model.logits, dynamic=True, backend=backend)
 
     def _decode_step(self, *views: torch.Tensor) -> torch.Tensor:
         return self.forward(views, decode=True)
@@ -281,13 +317,23 @@ class ModelRunner:
     def _prefill_step(self, *views: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         return self.forward(views, decode=False, fresh=fresh)
 
+    def _embed(self, tokens, positions, slots, cache) -> tuple[torch.Tensor, ...]:
+        valid = slots != self.scratch * self.pages.block_size
+        return self.model.embed(tokens, positions, valid, cache, slots)
+
     def forward(self, views: tuple[torch.Tensor, ...], decode: bool, fresh: bool = False,
                 every_position: bool = False) -> torch.Tensor:
+        """The model's forward (Transformer.forward) over the pages, by its parts: compiled ones
+        for the kinds of steps that are compiled."""
         tokens, positions, slots, tables, context, last = views
-        valid = slots != self.scratch * self.pages.block_size
         cache = PagedBatchCache(self.pages, tables, context, decode and self.use_kernel, fresh, self.model.rotary)
-        return self.model(tokens, positions, valid, cache, slots, absorb=decode,
-                          output_index=None if every_position else last)
+        compiled = self.compiled and (decode or self.compile_prefill)
+        embed, block, logits = ((self._compiled_embed, self._compiled_block, self._compiled_logits) if compiled
+                                else (self._embed, _block_stream, self.model.logits))
+        h, cos, sin, mask = embed(tokens, positions, slots, cache)
+        for i, layer in enumerate(self.model.layers):
+            h = block(layer, h, cos, sin, mask, cache.layer(i), decode)
+        return logits(h, None if every_position else last)
 
     @torch.inference_mode()
     def run_every_position(self, items: list[tuple[Sequence, int]],
@@ -342,11 +388,11 @@ class ModelRunner:
                 if graph is None:
                     if self._pool is None:
                         self._pool = torch.cuda.graph_pool_handle()
-                    step = self.decode_step if decode else functools.partial(self.prefill_step, fresh=fresh)
+                    step = self._decode_step if decode else functools.partial(self._prefill_step, fresh=fresh)
                     graph = self.graphs[key] = StepGraph(step, inputs, self.device, self._pool)
                 return graph.replay(inputs, in_flight)[:rows]
         views = self._uncaptured_views(items, width, table_width, pending)
-        return self.forward(views, decode=True) if decode else self.prefill_step(*views, fresh=fresh)
+        return self.forward(views, decode=decode, fresh=fresh)
 
     def _uncaptured_views(self, items, width: int, table_width: int, pending) -> tuple[torch.Tensor, ...]:
         """A step's inputs on the device at its own shape, for a step run without a graph."""
@@ -358,6 +404,11 @@ class ModelRunner:
 
     def _pack(self, items, rows: int, width: int, table_width: int, rows_of) -> StepInputs:
         return pack_inputs(items, rows, width, table_width, self.pages.block_size, self.scratch, rows_of, self.device)
+
+
+def _block_stream(block: nn.Module, h, cos, sin, mask, cache, absorb: bool) -> torch.Tensor:
+    """A block's output stream; its routing (for training's balance losses) is not needed here."""
+    return block(h, cos, sin, mask, cache, absorb)[0]
 
 
 def prefill_width(n: int) -> int:

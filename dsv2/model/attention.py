@@ -23,14 +23,16 @@ from .rope import apply_rope
 
 
 class LayerCache(Protocol):
-    def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's part of a step's cache (`cache.layer(i)`). It holds that layer's tensors, not its
+    index, so the blocks it is handed to are identical programs: a compiled block serves every layer."""
+
+    def write(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's latents; return every cached latent [B, T, r] and rope key [B, T, dr]."""
 
 
 class MLA(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
         self.nope_dim = config.qk_nope_head_dim
         self.rope_dim = config.qk_rope_head_dim
@@ -96,7 +98,7 @@ class MLA(nn.Module):
         q_nope, q_rope = self.query(q, cos, sin)
         c_kv, k_rope = self.latent(kv, cos, sin)
         if cache is not None:
-            c_kv, k_rope = cache.write(self.layer_idx, c_kv, k_rope)
+            c_kv, k_rope = cache.write(c_kv, k_rope)
         attend = self._absorbed if absorb else self._expanded
         o = attend(q_nope, q_rope, c_kv, k_rope, mask)  # [B, S, H, v]
         return self.out(o.flatten(-2))
@@ -117,16 +119,15 @@ class MLA(nn.Module):
     def _paged_decode(self, q, kv, cos, sin, cache):
         """One decode token per row, attention by the cache's kernels straight over its pages. The
         cache's prologue norms, rotates and stores the latent and rotates q_rope (what `latent` and
-        `query` do, in one launch on CUDA), giving q_nope head-major for W^UK."""
+        `query` do, in one launch on CUDA), giving q_nope head-major for W^UK; its attention returns
+        each head's value, W^UV applied."""
         if self.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         q = q[:, 0].unflatten(-1, (self.n_heads, -1))
-        q_nope, q_rope = cache.decode_prologue(self.layer_idx, q, kv[:, 0], cos[:, 0], sin[:, 0], self.kv_a_layernorm)
+        q_nope, q_rope = cache.decode_prologue(q, kv[:, 0], cos[:, 0], sin[:, 0], self.kv_a_layernorm)
         w_uk, w_uv = self.w_uk_uv()
         q_latent = batched_small_linear(q_nope, w_uk.transpose(1, 2)).transpose(0, 1)
-        o_latent = cache.decode_attention(self.layer_idx, q_latent, q_rope, self.softmax_scale)
-        # W^UV per head, heads as the batch: [H, B, r] x [H, v, r]^T, the fp32 o_latent read as it is
-        o = batched_small_linear(o_latent.transpose(0, 1), w_uv).transpose(0, 1)
+        o = cache.decode_attention(q_latent, q_rope, self.softmax_scale, w_uv)  # W^UV applied: [B, H, v]
         return self.out(o.flatten(-2))[:, None]
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):

@@ -42,8 +42,19 @@ class LatentCache:
         own = torch.arange(t, device=slots.device)[None, None, :] == slots[:, :, None]
         return (mask | (own & ~valid[:, :, None]))[:, None]
 
-    def write(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self._slots[..., None]
-        self.c_kv[layer].scatter_(1, idx.expand(-1, -1, c_kv.shape[-1]), c_kv.to(self.c_kv.dtype))
-        self.k_rope[layer].scatter_(1, idx.expand(-1, -1, k_rope.shape[-1]), k_rope.to(self.k_rope.dtype))
-        return self.c_kv[layer, :, : self.length], self.k_rope[layer, :, : self.length]
+    def layer(self, i: int) -> LatentLayer:
+        return LatentLayer(self, i)
+
+
+class LatentLayer:
+    """Layer i's part of a LatentCache (the model's `LayerCache`)."""
+
+    def __init__(self, cache: LatentCache, i: int):
+        self.cache, self.c_kv, self.k_rope = cache, cache.c_kv[i], cache.k_rope[i]
+
+    def write(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.cache._slots[..., None]
+        self.c_kv.scatter_(1, idx.expand(-1, -1, c_kv.shape[-1]), c_kv.to(self.c_kv.dtype))
+        self.k_rope.scatter_(1, idx.expand(-1, -1, k_rope.shape[-1]), k_rope.to(self.k_rope.dtype))
+        t = self.cache.length
+        return self.c_kv[:, :t], self.k_rope[:, :t]

@@ -19,9 +19,8 @@ from .rope import apply_rope_rotate_half
 
 
 class MHA(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.n_heads
         self.softmax_scale = self.head_dim ** -0.5
@@ -48,11 +47,11 @@ class MHA(nn.Module):
         v = self.v_proj(x)
         if x.shape[1] == 1 and getattr(cache, "decode_kernel", False):
             # one decode token per row: the cache's kernel attends straight over its pages
-            cache.store(self.layer_idx, k, v)
-            o = cache.decode_attention_mha(self.layer_idx, q[:, 0], self.softmax_scale)  # [B, H, D] fp32
+            cache.store(k, v)
+            o = cache.decode_attention_mha(q[:, 0], self.softmax_scale)  # [B, H, D] fp32
             return self.o_proj(o.to(x.dtype).flatten(-2))[:, None]
         if cache is not None:
-            k, v = cache.write(self.layer_idx, k, v)  # every cached token, [B, T, H*D]
+            k, v = cache.write(k, v)  # every cached token, [B, T, H*D]
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.unflatten(-1, heads).transpose(1, 2), v.unflatten(-1, heads).transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,

@@ -227,8 +227,11 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(config.hidden_size, self.n_shared * config.moe_intermediate_size)
                                if self.n_shared else None)
 
-    def forward(self, x: torch.Tensor, drop: TokenDropping | None = None) -> tuple[torch.Tensor, RouterOutput]:
-        """x [B, S, d]; `drop` applies only in training (never at inference, as in the paper)."""
+    def forward(self, x: torch.Tensor, drop: TokenDropping | None = None,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        """x [B, S, d] -> (the layer's output, plus `residual` [B, S, d] when given, and the routing).
+        `drop` applies only in training (never at inference, as in the paper). The residual is taken
+        here because a one-token decode adds it inside the experts' last launch."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         fused = self._fused(flat)
@@ -236,14 +239,15 @@ class MoE(nn.Module):
         if fused:
             e, s = self.experts, self.shared_experts
             shared = None if s is None else (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
-            y = fused_experts(flat, route.topk_idx, route.topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared)
+            y = fused_experts(flat, route.topk_idx, route.topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared,
+                              None if residual is None else residual.reshape(flat.shape))
             return y.view(shape), route
         if drop is not None and self.training:
             route.kept = capacity_mask(route, self.gate.n_experts, shape[0], drop)
         y = self.experts(flat, route.topk_idx, route.topk_weight, route.kept).view(shape)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y, route
+        return (y if residual is None else residual + y), route
 
     # Decode steps (a few rows per expert) are bound by streaming the active experts' weights, which
     # the CUTLASS grouped GEMM, tiled for large M, does at ~57% of HBM bandwidth on an H100; the

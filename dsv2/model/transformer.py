@@ -32,7 +32,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = (MHA if config.attention_type == "mha" else MLA)(config, layer_idx)
+        self.self_attn = (MHA if config.attention_type == "mha" else MLA)(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
@@ -42,8 +42,7 @@ class Block(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, absorb)
         x = self.post_attention_layernorm(h)
         if self.is_moe:
-            y, route = self.mlp(x, drop)
-            return h + y, route
+            return self.mlp(x, drop, residual=h)
         return h + self.mlp(x), None
 
 
@@ -81,6 +80,26 @@ class Transformer(nn.Module):
         the backward pass instead of keeping them. `output_index` [B] picks one position per row
         whose logits are computed, [B, vocab]: all an inference step samples from.
         """
+        h, cos, sin, mask = self.embed(tokens, positions, attention_mask, cache, slots)
+        routes: list[RouterOutput] = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layer(i)
+            if checkpoint_layers and self.training:
+                h, route = torch.utils.checkpoint.checkpoint(
+                    layer, h, cos, sin, mask, layer_cache, absorb, drop, use_reentrant=False)
+            else:
+                h, route = layer(h, cos, sin, mask, layer_cache, absorb, drop)
+            if route is not None:
+                routes.append(route)
+        logits = self.logits(h, output_index)
+        return ModelOutput(logits, routes) if return_router else logits
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None, cache: LatentCache | None = None,
+              slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """What the first block takes (see `forward`): the stream h [B, S, d], the rotation cos and
+        sin, the attention mask; a cache claims `slots` here. Blocks then take layer i's part of
+        the cache, `cache.layer(i)`."""
         valid = attention_mask.bool() if attention_mask is not None else None
         if positions is None:
             if cache is not None:
@@ -100,19 +119,13 @@ class Transformer(nn.Module):
             # the residual stream in the autocast dtype (bf16), as with bf16 parameters: fp32 master
             # weights stay in the optimizer, and no fp32 activations are cast at every matmul
             h = h.to(torch.get_autocast_dtype(h.device.type))
-        routes: list[RouterOutput] = []
-        for layer in self.layers:
-            if checkpoint_layers and self.training:
-                h, route = torch.utils.checkpoint.checkpoint(
-                    layer, h, cos, sin, mask, cache, absorb, drop, use_reentrant=False)
-            else:
-                h, route = layer(h, cos, sin, mask, cache, absorb, drop)
-            if route is not None:
-                routes.append(route)
+        return h, cos, sin, mask
+
+    def logits(self, h: torch.Tensor, output_index: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's stream -> logits, at every position or at `output_index` [B] of each row."""
         if output_index is not None:
             h = h[torch.arange(h.shape[0], device=h.device), output_index]
-        logits = linears(self.norm(h), self.lm_head)[0]
-        return ModelOutput(logits, routes) if return_router else logits
+        return linears(self.norm(h), self.lm_head)[0]
 
     @torch.no_grad()
     def init_weights(self, std: float | None = None) -> None:

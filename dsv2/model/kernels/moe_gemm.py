@@ -16,10 +16,13 @@ x directly, then the down GEMM writing each row, scaled by its gate value, back 
 place. The shared experts ride along as further experts that every token takes with weight 1, so
 their weights stream in the same launches. One token (batch-1 decode) needs no sort: its top-k
 experts are distinct, so its k-th assignment is its expert's only row, and the GEMMs read the
-routing's topk_idx as it is (two launches).
+routing's topk_idx as it is (two launches); there the down GEMM also sums the parts and adds the
+block's residual (in its last program per column tile), so no launch follows for the sum.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +56,12 @@ if triton is not None:
     @triton.jit
     def _moe_gemm_kernel(
         x_ptr, w_ptr, w_up_ptr, ws_ptr, ws_up_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, idx_ptr,
+        tickets_ptr, residual_ptr, sum_ptr,
         N, K, n_routed, n_experts, x_group, top_k,
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DIRECT: tl.constexpr,
-        PRECISION: tl.constexpr, USE_GDC: tl.constexpr,
+        REDUCE: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr, USE_GDC: tl.constexpr,
     ):
         # Weights are [E, N, K] with K contiguous; experts past n_routed (the shared ones) come from
         # ws_ptr with their own strides. GATHER: sorted row p reads x[rows[p] // x_group].
@@ -66,7 +70,10 @@ if triton is not None:
         # program j of axis 0 serves the j-th expert that has rows (the grid has no more of them
         # than there are rows), so a step with few tokens launches no programs for idle experts.
         # DIRECT (one token): no sort; assignment j is row j and its expert's only row, since the
-        # top-k experts are distinct: routed expert idx[j] for j < top_k, then the shared ones
+        # top-k experts are distinct: routed expert idx[j] for j < top_k, then the shared ones.
+        # REDUCE (with DIRECT and SCATTER): the last of a column tile's x_group programs to finish
+        # (counted on tickets[pid_n], which it resets) sums the tile's parts in expert order, adds
+        # the residual and writes sum[0, tile]: the same result on every run, and no launch for the sum
         j = tl.program_id(0)
         pid_n = tl.program_id(1)
         pdl.grid_wait(USE_GDC)  # which experts are busy is the previous kernels' output
@@ -133,6 +140,16 @@ if triton is not None:
                 g = tl.load(scale_ptr + token * top_k + k, mask=row_mask & (k < top_k), other=1.0)
                 out_ptrs = out_ptr + assignment[:, None].to(tl.int64) * stride_om + offs_n[None, :]
                 tl.store(out_ptrs, acc * g[:, None], mask=row_mask[:, None] & n_mask[None, :])
+                if REDUCE:
+                    tl.debug_barrier()  # every thread's part is stored before the ticket releases it
+                    if tl.atomic_add(tickets_ptr + pid_n, 1, sem="acq_rel") == x_group - 1:
+                        offs_j = tl.arange(0, BLOCK_J)
+                        parts = tl.load(out_ptr + offs_j[:, None] * stride_om + offs_n[None, :],
+                                        mask=(offs_j < x_group)[:, None] & n_mask[None, :], other=0.0,
+                                        cache_modifier=".cg")
+                        total = tl.sum(parts, 0) + tl.load(residual_ptr + offs_n, mask=n_mask).to(tl.float32)
+                        tl.store(sum_ptr + offs_n, total.to(sum_ptr.dtype.element_ty), mask=n_mask)
+                        tl.atomic_xchg(tickets_ptr + pid_n, 0)
             else:
                 out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
                 tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
@@ -155,10 +172,23 @@ def _block_m(rows: int, n_experts: int) -> int:
     return min(64, max(16, triton.next_power_of_2(2 * rows // n_experts)))
 
 
-def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scale=None, top_k=0, idx=None):
+@functools.cache
+def _tickets(device: torch.device) -> torch.Tensor:
+    """Per column tile, how many programs of a REDUCE launch have stored their part; each launch
+    leaves it at zero. Allocated at a step's first (uncaptured) run, then shared by every layer: the
+    launches run one after another on the stream."""
+    return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+
+
+MAX_TILES = 4096
+
+
+def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scale=None, top_k=0, idx=None,
+            residual=None, total=None):
     """out[M', N] <- the grouped GEMM of x's rows (sorted, or gathered through `rows`) by w [E, N, K]
     (and, past E, `shared` = (w, w_up) stacked as [S, N, K]-strided views). With `idx` (one token's
-    topk_idx) instead of `rows` and `offsets`, its assignments are taken in place, unsorted."""
+    topk_idx) instead of `rows` and `offsets`, its assignments are taken in place, unsorted; then
+    with `residual` [1, N] the down GEMM also writes total[0] = residual + the sum of its rows."""
     n_routed, n, k = w.shape
     ws, ws_up = shared if shared is not None else (w, w_up)
     n_experts = n_routed + (ws.shape[0] if shared is not None else 0)
@@ -188,15 +218,19 @@ def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scal
     block_n = min(32 if w_up is not None else 64, triton.next_power_of_2(n))
     block_k = min(256 // x.element_size(), triton.next_power_of_2(k))
     grid = (min(n_experts, m), triton.cdiv(n, block_n))
+    reduce = residual is not None
+    assert not reduce or (direct and scale is not None and grid[1] <= MAX_TILES), "REDUCE: one token's down GEMM"
     _moe_gemm_kernel[grid](
         x, w, w if w_up is None else w_up, ws, ws if ws_up is None else ws_up, out,
         idx if direct else offsets, rows if rows is not None else out, out if scale is None else scale,
-        idx if direct else out,
+        idx if direct else out, _tickets(x.device) if reduce else out, residual if reduce else out,
+        total if reduce else out,
         n, k, n_routed, n_experts, x_group, top_k,
         x.stride(0), w.stride(0), w.stride(1), ws.stride(0), ws.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(n_experts),
         SWIGLU=w_up is not None,
         GATHER=(rows is not None or direct) and scale is None, SCATTER=scale is not None, DIRECT=direct,
+        REDUCE=reduce, BLOCK_J=triton.next_power_of_2(x_group),
         # fp32 gets fp32 dots (not tf32): the fp32 path is the one tests hold to tight bounds
         PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=4, num_stages=3 if w_up is not None else 4, **pdl.options(x))
@@ -213,7 +247,8 @@ def _shared_as_experts(shared, inter_dim):
     return (as_experts(sg), as_experts(su)), (down, None), s
 
 
-def _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down):
+def _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+                   residual=None):
     n_tokens, top_k = topk_idx.shape
     n_routed, inter_dim, dim = w_gate.shape
     n_shared = 0
@@ -227,9 +262,12 @@ def _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, 
     h = x.new_empty(n_tokens * group, inter_dim)
     _launch(x, w_gate, w_up, offsets, h, shared=gate_up_shared, rows=rows, x_group=group, idx=idx)
     out = torch.empty(n_tokens * group, dim, dtype=torch.float32, device=x.device)
+    reduce = idx is not None and residual is not None
+    total = torch.empty_like(residual) if reduce else None
     _launch(h, w_down, None, offsets, out, shared=down_shared, rows=rows, x_group=group,
-            scale=topk_weight.float().contiguous(), top_k=top_k, idx=idx)
-    return out.view(n_tokens, group, dim)
+            scale=topk_weight.float().contiguous(), top_k=top_k, idx=idx,
+            residual=residual.contiguous() if reduce else None, total=total)
+    return total if reduce else out.view(n_tokens, group, dim)
 
 
 if triton is not None:
@@ -239,25 +277,34 @@ if triton is not None:
     def _fused_experts_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                           w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                           shared_gate: torch.Tensor | None, shared_up: torch.Tensor | None,
-                          shared_down: torch.Tensor | None) -> torch.Tensor:
-        return _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down)
+                          shared_down: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+        return _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
+                              residual)
 
     @_fused_experts_op.register_fake
-    def _(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down):
+    def _(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down, residual):
+        if residual is not None and x.shape[0] == 1:
+            return torch.empty_like(residual)
         group = topk_idx.shape[1] + (0 if shared_gate is None else shared_gate.shape[0] // w_gate.shape[1])
         return x.new_empty(x.shape[0], group, x.shape[1], dtype=torch.float32)
 
 
 def fused_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
                   w_up: torch.Tensor, w_down: torch.Tensor,
-                  shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
     """A MoE layer's experts for a decode-sized batch, on CUDA: x [N, d], topk_idx [N, K],
     topk_weight [N, K]; routed SwiGLU experts w_gate/w_up [E, I, d], w_down [E, d, I]; `shared` the
     shared experts' (gate [S*I, d], up [S*I, d], down [d, S*I]) -> [N, d] in x.dtype:
-    sum_k g_k FFN_{idx_k}(x) + shared(x). The per-(token, expert) outputs come back in fp32 and are
-    summed here, where a compiled caller fuses the sum into what follows."""
+    sum_k g_k FFN_{idx_k}(x) + shared(x), plus `residual` [N, d] when given. For one token the down
+    GEMM adds the parts and the residual itself; otherwise the per-(token, expert) outputs come
+    back in fp32 and are summed here, where a compiled caller fuses the sum into what follows."""
     if triton is None or not x.is_cuda:
-        return fused_experts_reference(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared)
-    parts = (_fused_experts_op if torch.compiler.is_compiling() else _fused_experts)(
-        x, topk_idx, topk_weight, w_gate, w_up, w_down, *(shared if shared is not None else (None,) * 3))
-    return parts.sum(1).to(x.dtype)
+        y = fused_experts_reference(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared)
+        return y if residual is None else residual + y
+    out = (_fused_experts_op if torch.compiler.is_compiling() else _fused_experts)(
+        x, topk_idx, topk_weight, w_gate, w_up, w_down, *(shared if shared is not None else (None,) * 3), residual)
+    if residual is not None and x.shape[0] == 1:
+        return out
+    y = out.sum(1).to(x.dtype)
+    return y if residual is None else residual + y
