@@ -172,6 +172,9 @@ def _block_m(rows: int, n_experts: int) -> int:
     return min(64, max(16, triton.next_power_of_2(2 * rows // n_experts)))
 
 
+MAX_TILES = 4096
+
+
 @functools.cache
 def _tickets(device: torch.device) -> torch.Tensor:
     """Per column tile, how many programs of a REDUCE launch have stored their part; each launch
@@ -180,7 +183,9 @@ def _tickets(device: torch.device) -> torch.Tensor:
     return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
 
 
-MAX_TILES = 4096
+def _sums_in_kernel(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """One token with a residual: the down GEMM returns residual + the sum of the experts' parts."""
+    return residual is not None and x.shape[0] == 1
 
 
 def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scale=None, top_k=0, idx=None,
@@ -262,7 +267,7 @@ def _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, 
     h = x.new_empty(n_tokens * group, inter_dim)
     _launch(x, w_gate, w_up, offsets, h, shared=gate_up_shared, rows=rows, x_group=group, idx=idx)
     out = torch.empty(n_tokens * group, dim, dtype=torch.float32, device=x.device)
-    reduce = idx is not None and residual is not None
+    reduce = _sums_in_kernel(x, residual)  # one token: the unsorted (DIRECT) launches above
     total = torch.empty_like(residual) if reduce else None
     _launch(h, w_down, None, offsets, out, shared=down_shared, rows=rows, x_group=group,
             scale=topk_weight.float().contiguous(), top_k=top_k, idx=idx,
@@ -283,7 +288,7 @@ if triton is not None:
 
     @_fused_experts_op.register_fake
     def _(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down, residual):
-        if residual is not None and x.shape[0] == 1:
+        if _sums_in_kernel(x, residual):
             return torch.empty_like(residual)
         group = topk_idx.shape[1] + (0 if shared_gate is None else shared_gate.shape[0] // w_gate.shape[1])
         return x.new_empty(x.shape[0], group, x.shape[1], dtype=torch.float32)
@@ -301,10 +306,11 @@ def fused_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     back in fp32 and are summed here, where a compiled caller fuses the sum into what follows."""
     if triton is None or not x.is_cuda:
         y = fused_experts_reference(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared)
-        return y if residual is None else residual + y
-    out = (_fused_experts_op if torch.compiler.is_compiling() else _fused_experts)(
-        x, topk_idx, topk_weight, w_gate, w_up, w_down, *(shared if shared is not None else (None,) * 3), residual)
-    if residual is not None and x.shape[0] == 1:
-        return out
-    y = out.sum(1).to(x.dtype)
+    else:
+        out = (_fused_experts_op if torch.compiler.is_compiling() else _fused_experts)(
+            x, topk_idx, topk_weight, w_gate, w_up, w_down, *(shared if shared is not None else (None,) * 3),
+            residual)
+        if _sums_in_kernel(x, residual):
+            return out
+        y = out.sum(1).to(x.dtype)
     return y if residual is None else residual + y
