@@ -236,11 +236,14 @@ def kernel_table(events, steps: int) -> dict:
             "kernels_per_step": sum(r["per_step"] for r in rows), "kernels": rows}
 
 
-def profile_steps(engine: LLMEngine, steps: int) -> dict:
+def profile_steps(engine: LLMEngine, steps: int, run=None) -> dict:
+    """Profile `steps` engine steps (or what `run` does, counted as `steps`)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
+        if run is not None:
+            run()
+        for _ in range(0 if run is not None else steps):
             engine.step()
         torch.cuda.synchronize()
     table = kernel_table(prof.events(), steps)
@@ -296,7 +299,7 @@ def dsv2_decode(model: Transformer, batch: int, prompt: int, warmup: int, steps:
 
 
 def dsv2_prefill(model: Transformer, n: int, s: int, reps: int, warmup: int, batched_tokens: int,
-                 block_size: int, opts: dict) -> dict:
+                 block_size: int, opts: dict, profile: bool = False) -> dict:
     device = next(model.parameters()).device
     engine = LLMEngine(model, None, engine_config(
         max_num_seqs=n, max_num_batched_tokens=max(batched_tokens, n * s), block_size=block_size,
@@ -304,27 +307,34 @@ def dsv2_prefill(model: Transformer, n: int, s: int, reps: int, warmup: int, bat
         enable_prefix_caching=False, **opts))
     params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
     times, steps = [], []
-    for r in range(warmup + reps):
+
+    def rep(r: int) -> int:
         ids = [f"p{n}x{s}-{r}-{i}" for i in range(n)]
         for rid, p in zip(ids, _prompts(n, s, model.config.vocab_size, seed=1000 + r), strict=True):
             engine.add_request(rid, p, params)
+        k = _run_to_first_tokens(engine, set(ids))
+        while engine.has_unfinished_requests():  # max_tokens=1: all finished already
+            engine.step()
+        return k
+
+    for r in range(warmup + reps):
         sync(device)
         t = time.perf_counter()
-        k = _run_to_first_tokens(engine, set(ids))
+        k = rep(r)
         sync(device)
         if r >= warmup:
             times.append(time.perf_counter() - t)
             steps.append(k)
-        while engine.has_unfinished_requests():  # max_tokens=1: all finished already
-            engine.step()
     # one step runs the prefill; with async scheduling one more reads its tokens back
     expected = 1 + engine.cfg.async_scheduling
+    table = profile_steps(engine, 1, lambda: rep(warmup + reps)) if profile and device.type == "cuda" else None
     del engine
     if any(k != expected for k in steps):
         log(f"  note: the prefill took {steps} engine steps per repeat (token budget {batched_tokens})")
     best, median = min(times), statistics.median(times)
     return {"status": "ok", "n": n, "s": s, "reps": reps, "seconds": times, "best_ms": best * 1e3,
-            "median_ms": median * 1e3, "tok_s": n * s / best, "tok_s_median": n * s / median, "steps": steps}
+            "median_ms": median * 1e3, "tok_s": n * s / best, "tok_s_median": n * s / median, "steps": steps,
+            **({"profile": table} if table else {})}
 
 
 def experts_touched(model: Transformer, batch: int) -> float:
@@ -654,6 +664,8 @@ def parse_args(argv=None):
                     help="decode: after the last batch's timed steps, profile this many (kernel table in the JSON)")
     ap.add_argument("--prefill", default=None, help="prefill rows NxS, comma separated")
     ap.add_argument("--prefill-reps", type=int, default=None)
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="after each prefill row's timed repeats, profile one more (kernel table in the JSON)")
     ap.add_argument("--prefill-warmup", type=int, default=None)
     ap.add_argument("--batched-tokens", type=int, default=None, help="engine max_num_batched_tokens")
     ap.add_argument("--block-size", type=int, default=64)
@@ -774,7 +786,7 @@ def main(argv=None) -> dict:
                 log(f"dsv2 prefill: {n}x{s}")
                 r = guarded(f"dsv2 prefill {n}x{s}", lambda n=n, s=s: dsv2_prefill(
                     model, n, s, args.prefill_reps, args.prefill_warmup, args.batched_tokens, args.block_size,
-                    opts))
+                    opts, args.profile_prefill))
                 prefill_rows.append({"row": f"{n}x{s}", "n": n, "s": s, "dsv2": r,
                                      "limit": prefill_limit(config, wb, n, s, bandwidth, peak)})
                 checkpoint(res, decode_rows, prefill_rows, args.out)
