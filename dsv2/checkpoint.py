@@ -4,8 +4,9 @@ Loading builds the model on the meta device, checks every shard's header against
 config implies (missing, unexpected, misshapen, files the index names but that are absent), and
 only then copies tensors in one at a time, so a checkpoint loads in about its own size and a bad
 one fails before any work with an error that names the tensor or file. Routed experts are stored
-per expert on disk (`mlp.experts.E.gate_proj.weight`) and stacked in memory; the packed
-`mlp.experts.gate_up_proj` / `down_proj` form some transformers versions write reads too.
+per expert on disk (`mlp.experts.E.gate_proj.weight`) and stacked in memory, gate and up in one
+`gate_up_proj`; the packed `mlp.experts.gate_up_proj` / `down_proj` form some transformers versions
+write reads too (it is the in-memory layout).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .model import Transformer
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _PACKED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
@@ -36,13 +37,18 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class _Target:
-    """Where one on-disk tensor goes: a parameter, one expert of a stacked one, or (for a packed
-    tensor) the rows of it that belong to that parameter."""
+    """Where one on-disk tensor goes: a parameter, or one expert of a stacked one (and within it
+    `rows`: the gate or the up half of gate_up_proj)."""
 
     param: str
     shape: tuple[int, ...]
     expert: int | None = None
     rows: slice | None = None
+
+    def view(self, param: torch.Tensor) -> torch.Tensor:
+        """The part of the parameter this tensor is."""
+        part = param if self.expert is None else param[self.expert]
+        return part if self.rows is None else part[self.rows]
 
 
 def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -62,10 +68,15 @@ def _entries(model: Transformer) -> Iterator[tuple[str, _Target, torch.Tensor]]:
             continue
         m = _EXPERTS.match(name)
         if m:
-            layer, proj = m.groups()
-            for e in range(p.shape[0]):
-                hf = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
-                yield hf, _Target(name, tuple(p.shape[1:]), expert=e), p[e]
+            layer, kind = m.groups()
+            inter = p.shape[1] // 2
+            parts = ({"gate_proj": slice(0, inter), "up_proj": slice(inter, None)} if kind == "gate_up_proj"
+                     else {"down_proj": None})
+            for proj, rows in parts.items():
+                for e in range(p.shape[0]):
+                    hf = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+                    t = _Target(name, tuple(p[e, rows].shape) if rows else tuple(p.shape[1:]), expert=e, rows=rows)
+                    yield hf, t, t.view(p)
         else:
             hf = name if name.startswith("lm_head.") else f"model.{name}"
             yield hf, _Target(name, tuple(p.shape)), p
@@ -148,7 +159,7 @@ def _plan(targets: dict[str, _Target], found: dict[str, tuple[str, tuple[int, ..
                 misshapen.append(f"{key}: file has {list(shape)}, config implies {list(t.shape)}")
             plan.append((fname, key, t))
             covered.add(key)
-        elif m and config.is_moe_layer(int(m[1])):  # transformers' in-memory packing
+        elif m and config.is_moe_layer(int(m[1])):  # transformers' packing: our parameters' own layout
             layer, kind = m.groups()
             projs = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
             per = targets[f"model.layers.{layer}.mlp.experts.0.{projs[0]}.weight"].shape
@@ -156,11 +167,9 @@ def _plan(targets: dict[str, _Target], found: dict[str, tuple[str, tuple[int, ..
             if shape != want:
                 misshapen.append(f"{key}: file has {list(shape)}, config implies {list(want)}")
                 continue
-            for i, p in enumerate(projs):
-                rows = slice(i * per[0], (i + 1) * per[0])
-                plan.append((fname, key, _Target(f"layers.{layer}.mlp.experts.{p}", want, rows=rows)))
-                covered.update(f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"
-                               for e in range(config.n_routed_experts))
+            plan.append((fname, key, _Target(f"layers.{layer}.mlp.experts.{kind}", want)))
+            covered.update(f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"
+                           for p in projs for e in range(config.n_routed_experts))
         else:
             unexpected.append(key)
     missing = sorted(set(targets) - covered)
@@ -208,10 +217,7 @@ def load_model(
                         tensor = f.get_tensor(key)
                     except (SafetensorError, OSError) as e:
                         raise CheckpointError(f"{path / fname}: cannot read tensor {key!r}: {e}") from None
-                    dst = params[t.param]
-                    if t.expert is not None:
-                        dst = dst[t.expert]
-                    dst.copy_(tensor if t.rows is None else tensor[:, t.rows])
+                    t.view(params[t.param]).copy_(tensor)
                     del tensor
     return model.eval()
 

@@ -151,14 +151,24 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
 
 
 class Experts(nn.Module):
-    """N_r routed SwiGLU experts stored stacked."""
+    """N_r routed SwiGLU experts stored stacked, each expert's gate and up rows in one tensor
+    (gate_up_proj [E, 2I, d]): a prefill runs both as one grouped GEMM of twice the width, which the
+    CUTLASS kernel tiles better (bench/RESULTS.md); gate_proj and up_proj are views of it."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts = n_experts
-        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
-        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.inter_dim = inter_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    @property
+    def gate_proj(self) -> torch.Tensor:
+        return self.gate_up_proj[:, : self.inter_dim]
+
+    @property
+    def up_proj(self) -> torch.Tensor:
+        return self.gate_up_proj[:, self.inter_dim:]
 
     def forward(
         self,
@@ -172,15 +182,14 @@ class Experts(nn.Module):
         n, k = topk_idx.shape
         if kept is not None:
             return self._dropping(x, topk_idx, topk_weight, kept)
-        # every token has exactly k assignments: sort them by expert, run the experts, then put the
-        # outputs back in token order by the inverse permutation and sum over k, so that neither
-        # direction needs atomic scatter-adds
+        # every token has exactly k assignments: sort them by expert, run the experts, then sum each
+        # token's k outputs by gathering them through the inverse permutation (where each assignment
+        # landed in the sorted order): no atomic scatter-adds, and no unsorted copy of the outputs
         flat = topk_idx.flatten()
         order, counts = self._sort(flat)
-        xs = x.repeat_interleave(k, dim=0)[order]
-        y = self._ffn(xs, counts)
-        y = torch.empty_like(y).index_copy_(0, order, y).view(n, k, -1)
-        return (y.float() * topk_weight[..., None]).sum(1).to(x.dtype)
+        y = self._ffn(x[order // k], counts)
+        where = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))
+        return (y[where].view(n, k, -1).float() * topk_weight[..., None]).sum(1).to(x.dtype)
 
     def _sort(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Assignments [M] -> the stable order that groups them by expert, and rows per expert [E].
@@ -194,8 +203,8 @@ class Experts(nn.Module):
         return order, torch.searchsorted(flat[order], experts).diff()
 
     def _ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        h = F.silu(grouped_mm(xs, self.gate_proj, counts)) * grouped_mm(xs, self.up_proj, counts)
-        return grouped_mm(h, self.down_proj, counts)
+        gate, up = grouped_mm(xs, self.gate_up_proj, counts).split(self.inter_dim, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj, counts)
 
     def _dropping(self, x, topk_idx, topk_weight, kept) -> torch.Tensor:
         """Training with token dropping: only kept assignments are computed, summed by index_add."""
