@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsv2.model import Experts, Gate
-from dsv2.model.moe import grouped_mm
+from dsv2.model.moe import gate_logits, grouped_mm
 
 from .conftest import PARITY_CONFIGS, hf_model, random_model, tiny_config
 
@@ -159,6 +159,23 @@ def test_grouped_mm_cuda_bf16_against_loop():
     ref = torch.cat([x[a:b].double() @ w[e].double().t() for e, (a, b) in
                      enumerate(zip([0] + counts.cumsum(0)[:-1].tolist(), counts.cumsum(0).tolist()))])
     assert ((got.double() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gate_logits_cuda_bf16_are_the_fp32_product():
+    """bf16 inputs, fp32 output: within fp32 rounding of the float64 product (a bf16 output would
+    be off by ~1e-3 relative), with and without gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(3000, 2048, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(64, 2048, device="cuda") / 45).bfloat16().requires_grad_()
+    ref = x.double() @ w.detach().double().t()
+    with torch.no_grad():
+        fast = gate_logits(x, w)
+    slow = gate_logits(x, w)  # with grad: the fp32 path, which autograd covers
+    assert fast.dtype == slow.dtype == torch.float32 and slow.requires_grad
+    for got in (fast, slow.detach()):
+        assert ((got.double() - ref).abs() / ref.abs().clamp_min(1e-2)).max() < 1e-4
 
 
 @pytest.mark.gpu

@@ -16,6 +16,7 @@ indexing, no host sync) and no real page is touched. The block manager never han
 from __future__ import annotations
 
 import functools
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -195,41 +196,59 @@ def _token_ids(seq: Sequence, start: int, n: int) -> list[int]:
     return seq.all_token_ids[start:start + n]
 
 
+_iota = array("q")
+
+
+def _positions(start: int, n: int) -> array:
+    """array('q', range(start, start + n)) as a slice of a shared one: a copy, not n Python steps."""
+    global _iota
+    if len(_iota) < start + n:
+        _iota = array("q", range(max(2 * len(_iota), start + n, 4096)))
+    return _iota[start:start + n]
+
+
 def pack_inputs(items: list[tuple[Sequence, int]], rows: int, width: int, table_width: int,
                 block_size: int, scratch: int, pending: dict[int, int] | None = None,
                 device: torch.device = torch.device("cpu")) -> StepInputs:
     """Rows beyond len(items) and positions beyond a row's chunk are padding aimed at the scratch block.
     `pending` maps a sequence whose input token is still in flight to that token's row in the
-    launched step's samples."""
-    pad_slot = scratch * block_size
-    tokens: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    tables: list[int] = []
-    context: list[int] = []
-    last: list[int] = []
+    launched step's samples.
+
+    Built as int64 arrays from slices and lists, with the slots computed by tensor ops from the
+    positions and block tables: stepping through a 2048-token prefill token by token in Python
+    (and torch.tensor of the list) took ~1.5 ms of host time before every such step."""
+    tokens, positions, tables = array("q"), array("q"), array("q")
+    context, last = array("q"), array("q")
     patch: list[tuple[int, int]] = []
+    zeros = array("q", [0]) * width
     for row, (seq, n) in enumerate(items):
         start, table, pad = seq.num_computed_tokens, seq.block_table, width - n
         ids = _token_ids(seq, start, n)
         if ids[-1] == PENDING:  # only ever a decode row's one token
             patch.append((row * width, pending[seq.seq_id]))
             ids = [0]
-        tokens += ids + [0] * pad
-        span = range(start, start + n)
-        positions += [*span] + [0] * pad
-        slots += [table[p // block_size] * block_size + p % block_size for p in span] + [pad_slot] * pad
-        tables += table + [scratch] * (table_width - len(table))
+        tokens += array("q", ids)
+        positions += _positions(start, n)
+        tables += array("q", table)
+        tables += array("q", [scratch]) * (table_width - len(table))
+        if pad:
+            tokens += zeros[:pad]
+            positions += zeros[:pad]
         context.append(start + n)
         last.append(n - 1)
     extra = rows - len(items)
-    tokens += [0] * (extra * width)
-    positions += [0] * (extra * width)
-    slots += [pad_slot] * (extra * width)
-    tables += [scratch] * (extra * table_width)
-    context += [1] * extra
-    last += [0] * extra
-    packed = host_tensor(tokens + positions + slots + tables + context + last, device)
+    tokens += zeros * extra
+    positions += zeros * extra
+    tables += array("q", [scratch]) * (extra * table_width)
+    context += array("q", [1]) * extra
+    last += array("q", [0]) * extra
+    tok, pos, tab, ctx, lst = (torch.frombuffer(a, dtype=torch.long) for a in (tokens, positions, tables, context, last))
+    slots = tab.view(rows, table_width).gather(1, pos.view(rows, width) // block_size) * block_size
+    slots += pos.view(rows, width) % block_size
+    slots.masked_fill_(torch.arange(width) > lst[:, None], scratch * block_size)
+    parts = (tok, pos, slots.flatten(), tab, ctx, lst)
+    packed = torch.empty(sum(p.numel() for p in parts), dtype=torch.long, pin_memory=device.type == "cuda")
+    torch.cat(parts, out=packed)
     patch = host_tensor([d for d, _ in patch] + [j for _, j in patch], device).view(2, -1) if patch else None
     return StepInputs(packed, rows, width, table_width, patch)
 
