@@ -164,8 +164,8 @@ def test_grouped_mm_cuda_bf16_against_loop():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gate_logits_cuda_bf16_are_the_fp32_product():
-    """bf16 inputs, fp32 output: within fp32 rounding of the float64 product (a bf16 output would
-    be off by ~1e-3 relative), with and without gradients."""
+    """bf16 inputs, fp32 output: within fp32 rounding of the float64 product (bf16 rounding of the
+    output would be off by up to 4e-3 of the largest logit), with and without gradients."""
     torch.manual_seed(0)
     x = torch.randn(3000, 2048, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(64, 2048, device="cuda") / 45).bfloat16().requires_grad_()
@@ -175,7 +175,7 @@ def test_gate_logits_cuda_bf16_are_the_fp32_product():
     slow = gate_logits(x, w)  # with grad: the fp32 path, which autograd covers
     assert fast.dtype == slow.dtype == torch.float32 and slow.requires_grad
     for got in (fast, slow.detach()):
-        assert ((got.double() - ref).abs() / ref.abs().clamp_min(1e-2)).max() < 1e-4
+        assert (got.double() - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
 @pytest.mark.gpu
