@@ -1,4 +1,4 @@
-"""The `dsv2` command: info, generate, chat, train, plot, data, serve."""
+"""The `dsv2` command: info, generate, chat, train, plot, data, sft, grpo, serve."""
 
 from __future__ import annotations
 
@@ -166,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.set_defaults(func=_plot)
 
+    from .align.cli import register as register_align
     from .data.cli import register
     from .server import register as register_serve
 
     register(sub)
+    register_align(sub, str(bundled_model_dir()))
     register_serve(sub)
     return parser
 

