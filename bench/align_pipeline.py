@@ -81,13 +81,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--heldout", type=int, default=300)
     ap.add_argument("--sft-epochs", type=float, default=2.0)
     ap.add_argument("--sft-lr", type=float, default=None)
-    ap.add_argument("--grpo-steps", type=int, default=60)
-    ap.add_argument("--grpo-lr", type=float, default=None)
-    ap.add_argument("--prompts-per-step", type=int, default=16)
+    ap.add_argument("--grpo-steps", type=int, default=150)
+    ap.add_argument("--grpo-lr", type=float, default=1e-5)
+    ap.add_argument("--prompts-per-step", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--updates-per-step", type=int, default=2)
+    ap.add_argument("--updates-per-step", type=int, default=1)
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.7, help="GRPO rollouts' sampling temperature")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--json", type=Path, default=None, help="default OUT/align_pipeline.json")
     ap.add_argument("--plot", type=Path, default=None, help="default OUT/align_reward.png")
@@ -100,6 +101,12 @@ def main(argv=None) -> dict:
     base = bundled_model_dir()
     res = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()}, "accuracy": {}}
+    path = args.json or out / "align_pipeline.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every stage: a run cut short keeps what it measured
+        path.write_text(json.dumps(res, indent=1))
+
     t = time.perf_counter()
     res["accuracy"]["base"] = accuracy(base, heldout, args.device, args.rollout, args.max_new_tokens)
     log(f"base model: held-out accuracy {res['accuracy']['base']:.3f}")
@@ -112,6 +119,7 @@ def main(argv=None) -> dict:
     res["sft"] = {"metrics": metrics(sft_dir), "seconds": time.perf_counter() - t}
     res["accuracy"]["sft"] = accuracy(sft_dir / "model", heldout, args.device, args.rollout, args.max_new_tokens)
     log(f"after SFT: held-out accuracy {res['accuracy']['sft']:.3f}")
+    save()
 
     res["grpo"] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -121,12 +129,13 @@ def main(argv=None) -> dict:
                          eval_prompts=str(heldout), reward="math", out=str(run), steps=args.grpo_steps,
                          prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                          updates_per_step=args.updates_per_step, micro_batch=128, lr=args.grpo_lr, beta=args.beta,
-                         max_new_tokens=args.max_new_tokens, rollout=args.rollout, eval_every=10,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, rollout=args.rollout, eval_every=10,
                          checkpoint_every=10_000, device=args.device, seed=seed, progress=False)
         last = GRPOTrainer(cfg, resume=(run / "checkpoints").is_dir()).run()
         res["grpo"][seed] = {"metrics": metrics(run), "final_accuracy": last.get("eval_reward"),
                              "seconds": time.perf_counter() - t}
         log(f"GRPO seed {seed}: held-out accuracy {last.get('eval_reward'):.3f} ({time.perf_counter() - t:.0f} s)")
+        save()
     finals = [r["final_accuracy"] for r in res["grpo"].values()]
     res["accuracy"]["grpo_mean"] = statistics.mean(finals)
     res["accuracy"]["grpo_spread"] = statistics.stdev(finals) if len(finals) > 1 else 0.0
@@ -140,9 +149,7 @@ def main(argv=None) -> dict:
     for seed, r in res["grpo"].items():
         print(f"{f'after GRPO, seed {seed}':<28}{r['final_accuracy']:>10.3f}")
     print(f"GRPO gain over SFT {a['grpo_gain']:+.3f}, run-to-run spread (std over seeds) {a['grpo_spread']:.3f}")
-    path = args.json or out / "align_pipeline.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1))
+    save()
     plot(res, args.plot or out / "align_reward.png")
     print(f"JSON: {path}")
     return res

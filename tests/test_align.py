@@ -243,3 +243,13 @@ def test_engine_rollouts_follow_the_policy_after_sync(model_dir, tokenizer):
     assert after == reference.sample(prompts, 1, 6, 0.0) != before
     sampled = engine.sample(prompts, 3, 6, 1.0, seed=5)
     assert [len(g) for g in sampled] == [3, 3] and sampled == engine.sample(prompts, 3, 6, 1.0, seed=5)
+
+
+def test_sft_cli_trains_and_prints_its_last_record(model_dir, arith_dir, tmp_path, capsys):
+    code = main(["sft", "--model", str(model_dir), "--data", str(arith_dir / "sft_train.jsonl"),
+                 "--out", str(tmp_path / "cli"), "--epochs", "0.125", "--batch-size", "8", "--micro-batch", "8",
+                 "--no-progress"])
+    assert code == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["step"] == 1 and math.isfinite(record["val_loss"])
+    assert (tmp_path / "cli" / "model" / "config.json").is_file()
