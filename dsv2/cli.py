@@ -1,4 +1,4 @@
-"""The `dsv2` command: info, generate, chat, train, plot, data, sft, grpo, serve."""
+"""The `dsv2` command: info, generate, chat, train, plot, data, sft, grpo, eval, serve."""
 
 from __future__ import annotations
 
@@ -168,10 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .align.cli import register as register_align
     from .data.cli import register
+    from .eval.cli import register as register_eval
     from .server import register as register_serve
 
     register(sub)
     register_align(sub, str(bundled_model_dir()))
+    register_eval(sub)
     register_serve(sub)
     return parser
 
