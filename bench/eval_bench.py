@@ -5,7 +5,8 @@ A batch of MMLU-shaped questions (a context of --context tokens and --choices op
 log-probability of each option after its context, and whether it is the greedy continuation.
 Rows, same questions in the same run:
 - dsv2 engine: EvalModel(backend="engine"), requests with prompt logprobs, continuous batching;
-- dsv2 forward: EvalModel(backend="reference"), padded batches of --batch-size requests;
+- dsv2 forward: EvalModel(backend="reference"), padded batches of --batch-size requests, logits
+  only at the scored positions (what `dsv2 eval` uses for log-likelihoods on CUDA);
 - transformers: DeepseekV2ForCausalLM (sdpa, grouped_mm experts) on the same padded batches, with
   the same log_softmax and gather;
 - limit: the batch's FLOPs (2 x activated parameters per token + causal attention) at the
@@ -126,9 +127,9 @@ def main(argv=None) -> dict:
            "limit_questions_s": args.questions / (flops / peak) if peak else None, "rows": {}}
     log(f"building {args.preset} ({dtype}) on {device}")
     model = random_model(config, device, dtype)
-    for backend in ("engine", "reference"):
-        log(f"dsv2 {backend}")
-        res["rows"][f"dsv2 {backend}"] = guarded(backend, lambda b=backend: time_dsv2(model, b, qs, args.batch_size, args.reps))
+    for backend, row in (("engine", "dsv2 engine"), ("reference", "dsv2 forward")):
+        log(row)
+        res["rows"][row] = guarded(backend, lambda b=backend: time_dsv2(model, b, qs, args.batch_size, args.reps))
     del model
     free_memory()
     if not args.skip_hf:
@@ -137,7 +138,7 @@ def main(argv=None) -> dict:
             hf, res["transformers_impl"] = built.pop("pair")
             log("transformers")
             res["rows"]["transformers"] = guarded("transformers", lambda: time_hf(hf, qs, args.batch_size, args.reps, device))
-    ref = res["rows"].get("dsv2 reference", {}).get("scores")
+    ref = res["rows"].get("dsv2 forward", {}).get("scores")
     print(f"\nmultiple-choice scoring, {args.questions} questions x {args.choices} options, context {args.context}, "
           f"{args.preset} on {name}")
     print(f"{'row':<18}{'questions/s':>13}{'seconds':>10}{'% of limit':>12}{'max |score - dsv2 forward|':>28}")

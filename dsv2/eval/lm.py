@@ -1,6 +1,7 @@
 """The model as an evaluation harness sees it: log-likelihoods of continuations and generations.
 
-Two backends give the same numbers (tests hold them together):
+Two backends give the same numbers (tests hold them together); "auto" generates through the
+engine on CUDA and scores log-likelihoods by forward passes (the faster of the two there):
 - "engine": requests to the inference engine (`LLMEngine`), batched continuously. A continuation
   is scored as prompt logprobs of context + continuation (one prefill per request, no sampling
   worth the name: max_tokens 1); generations are ordinary requests with stop strings.
@@ -36,11 +37,13 @@ class EvalModel:
         self.device = next(self.model.parameters()).device
         self.max_len = self.model.config.max_position_embeddings
         self.batch_size = batch_size
-        if backend == "auto":
-            backend = "engine" if self.device.type == "cuda" else "reference"
-        if backend not in ("engine", "reference"):
+        if backend not in ("auto", "engine", "reference"):
             raise ValueError(f"eval backend {backend!r}: expected auto, engine or reference")
-        self.backend = backend
+        # auto: generations through the engine on CUDA; log-likelihoods by forward passes that
+        # compute logits only at the scored positions, which measured faster on an H100 than the
+        # engine's prompt logprobs (bench/RESULTS.md)
+        self.backend = backend if backend != "auto" else ("engine" if self.device.type == "cuda" else "reference")
+        self.scoring = "reference" if backend == "auto" else backend
         self._engine = None
         self._max_num_seqs = max_num_seqs
         self._ids = 0
@@ -61,7 +64,7 @@ class EvalModel:
         the context, and whether greedy decoding would have produced it token for token. The pair
         is cut from the left to the model's context length less one (the continuation always kept)."""
         reqs = [self._fit(c, x) for c, x in requests]
-        if self.backend == "engine":
+        if self.scoring == "engine":
             return self._engine_loglikelihood(reqs)
         return [r for i in range(0, len(reqs), self.batch_size)
                 for r in self._forward_loglikelihood(reqs[i:i + self.batch_size])]
@@ -90,13 +93,17 @@ class EvalModel:
         for i, r in enumerate(rows):
             tokens[i, : len(r)] = torch.tensor(r)
             valid[i, : len(r)] = True
-        tokens, valid = tokens.to(self.device), valid.to(self.device)
-        logp = F.log_softmax(self.model(tokens, attention_mask=valid).float(), dim=-1)
+        # logits only where a continuation token is predicted (position p predicts token p + 1):
+        # the LM head and the fp32 log-softmax over every position would be ~10% of the FLOPs and
+        # most of the memory traffic of a scoring batch
+        k = max(len(x) for _, x in batch)
+        index = torch.tensor([[len(c) - 1 + min(j, len(x) - 1) for j in range(k)] for c, x in batch])
+        tokens, valid, index = tokens.to(self.device), valid.to(self.device), index.to(self.device)
+        logp = F.log_softmax(self.model(tokens, attention_mask=valid, output_index=index).float(), dim=-1)
         out = []
-        for i, (c, x) in enumerate(batch):
-            pos = torch.arange(len(c) - 1, len(c) + len(x) - 1, device=self.device)  # positions predicting x
+        for i, (_, x) in enumerate(batch):
             target = torch.tensor(x, device=self.device)
-            lp = logp[i, pos]
+            lp = logp[i, : len(x)]
             out.append((lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all())))
         return out
 

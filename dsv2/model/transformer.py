@@ -78,7 +78,8 @@ class Transformer(nn.Module):
         (where each token's latent is stored) are given by the caller. `drop` applies the MoE
         capacity limit (training only); `checkpoint_layers` recomputes each block's activations in
         the backward pass instead of keeping them. `output_index` [B] picks one position per row
-        whose logits are computed, [B, vocab]: all an inference step samples from.
+        whose logits are computed, [B, vocab]: all an inference step samples from ([B, K]: K
+        positions per row, [B, K, vocab], what a scorer of continuations needs).
         """
         h, cos, sin, mask = self.embed(tokens, positions, attention_mask, cache, slots)
         routes: list[RouterOutput] = []
@@ -122,9 +123,11 @@ class Transformer(nn.Module):
         return h, cos, sin, mask
 
     def logits(self, h: torch.Tensor, output_index: torch.Tensor | None = None) -> torch.Tensor:
-        """The last block's stream -> logits, at every position or at `output_index` [B] of each row."""
+        """The last block's stream -> logits, at every position or at `output_index` of each row:
+        [B] (one position each, [B, vocab]) or [B, K] (K each, [B, K, vocab])."""
         if output_index is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), output_index]
+            rows = torch.arange(h.shape[0], device=h.device)
+            h = h[rows if output_index.dim() == 1 else rows[:, None], output_index]
         return linears(self.norm(h), self.lm_head)[0]
 
     @torch.no_grad()
