@@ -11,7 +11,7 @@ install:
 	$(PIP) install -e .
 
 install-test: install
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,eval]"
 
 # the bundled model (a small DeepSeek-V2 trained on the built-in corpus) continues a prompt
 run: install

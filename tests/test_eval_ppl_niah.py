@@ -174,3 +174,10 @@ def test_niah_defaults_fit_the_context_and_are_deterministic(lm, monkeypatch):
 def test_niah_runs_the_real_model(lm):
     r = run_niah(lm, lengths=[64], depths=[0.0, 1.0], max_new_tokens=4)
     assert 0.0 <= r["metrics"]["accuracy"] <= 1.0 and len(r["samples"]) == 2
+
+
+def test_default_lengths_reach_the_whole_window():
+    from dsv2.eval.niah import default_lengths
+
+    assert default_lengths(4096, 16) == [256, 512, 1024, 2048, 4080]
+    assert default_lengths(2064, 16) == [256, 512, 1024, 2048]

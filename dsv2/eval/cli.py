@@ -37,7 +37,7 @@ def run_task(model, task: str, data: str | None, limit: int | None, num_fewshot:
     if task == "perplexity":
         from .perplexity import run_perplexity
 
-        return run_perplexity(model, data, limit=limit)
+        return run_perplexity(model, data, window=args.window, stride=args.stride, limit=limit)
     raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
 
 
@@ -91,5 +91,7 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=1, help="humaneval: completions per problem (n)")
     p.add_argument("--k", default=None, help="humaneval: pass@k values, comma separated (default 1, and n)")
     p.add_argument("--trials", type=int, default=1, help="niah: needles per length and depth")
+    p.add_argument("--window", type=int, default=None, help="perplexity: tokens per window (default: the context)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity: tokens between windows (default window/2)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_eval)

@@ -23,6 +23,9 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 
 
+REFERENCE_TOKENS_PER_BATCH = 8192
+
+
 class EvalModel:
     def __init__(self, model: str | Path | Transformer, tokenizer: Tokenizer | None = None, device: str | None = None,
                  dtype: str | None = None, backend: str = "auto", batch_size: int = 32, max_num_seqs: int = 64):
@@ -162,10 +165,14 @@ class EvalModel:
                                      seed=None if seed is None else seed + i) for i, b in enumerate(budgets)]
             return [[c.text for c in r.outputs] for r in self._run_engine(list(prompts), params)]
         eos = self.tokenizer.eos_token_id
+        # the reference generator's prefill holds [rows, heads, S, S] scores: long prompts go in
+        # fewer rows at a time (a 25 x 4K-token batch asked for tens of GB)
+        longest = max(len(p) for p in prompts)
+        step = max(1, min(self.batch_size, REFERENCE_TOKENS_PER_BATCH // (longest * n)))
         out = []
-        for i in range(0, len(prompts), self.batch_size):
-            rows = [p for p in prompts[i:i + self.batch_size] for _ in range(n)]
-            ids = generate(self.model, rows, min(budgets[i:i + self.batch_size]), temperature=temperature,
+        for i in range(0, len(prompts), step):
+            rows = [p for p in prompts[i:i + step] for _ in range(n)]
+            ids = generate(self.model, rows, min(budgets[i:i + step]), temperature=temperature,
                            stop_token_ids=[eos] if eos is not None else None,
                            seed=None if seed is None else seed + i)
             texts = [_cut(self.tokenizer.decode(t, skip_special_tokens=True), stop) for t in ids]

@@ -1,4 +1,10 @@
-"""dsv2 as an lm-evaluation-harness model: `lm_eval --model dsv2 --model_args pretrained=DIR`.
+"""dsv2 as an lm-evaluation-harness model, registered as "dsv2":
+
+    from dsv2.eval.lm_eval_adapter import register
+    register()
+    lm_eval.simple_evaluate(model="dsv2", model_args="pretrained=DIR", tasks=[...])
+
+(lm-eval's own command line only knows models imported before it parses its arguments.)
 
 lm-eval hands over text; this adapter tokenizes it the way lm-eval's HF model does and passes token
 ids to `EvalModel`, so both backends (engine and reference) serve the harness unchanged.

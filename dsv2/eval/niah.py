@@ -124,14 +124,15 @@ def make_haystack(tokenizer: Tokenizer, filler_text: str, context_tokens: int, d
 
 
 def default_lengths(max_len: int, answer_room: int) -> list[int]:
-    """Powers of two from 256 that leave `answer_room` tokens for the answer; when none does, the
-    longest context that does."""
+    """Powers of two from 256 that leave `answer_room` tokens for the answer, then the longest
+    context that does (so the grid reaches the model's whole window)."""
     lengths = []
     length = 256
     while length + answer_room <= max_len:
         lengths.append(length)
         length *= 2
-    return lengths or [max_len - answer_room]
+    longest = max_len - answer_room
+    return lengths + [longest] if not lengths or lengths[-1] < longest else lengths
 
 
 def run_niah(model: EvalModel, lengths: list[int] | None = None, depths: list[float] | None = None,
