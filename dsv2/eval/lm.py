@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..checkpoint import load_model
 from ..generate import generate
@@ -134,6 +135,7 @@ class EvalModel:
         pending = list(zip(prompts, params))
         queued = 0
         engine = self.engine
+        bar = tqdm(total=len(prompts), desc="requests", unit="req", disable=None, leave=False)
         while pending or engine.has_unfinished_requests():
             while pending and queued < 4 * self._max_num_seqs:
                 prompt, p = pending.pop(0)
@@ -146,6 +148,8 @@ class EvalModel:
                 if out.finished:
                     done[out.request_id] = out
                     queued -= 1
+                    bar.update(1)
+        bar.close()
         return [done[r] for r in ids]
 
     # --- generation ------------------------------------------------------------------------------
@@ -170,7 +174,7 @@ class EvalModel:
         longest = max(len(p) for p in prompts)
         step = max(1, min(self.batch_size, REFERENCE_TOKENS_PER_BATCH // (longest * n)))
         out = []
-        for i in range(0, len(prompts), step):
+        for i in tqdm(range(0, len(prompts), step), desc="generating", unit="batch", disable=None, leave=False):
             rows = [p for p in prompts[i:i + step] for _ in range(n)]
             ids = generate(self.model, rows, min(budgets[i:i + step]), temperature=temperature,
                            stop_token_ids=[eos] if eos is not None else None,
