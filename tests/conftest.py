@@ -89,3 +89,18 @@ def run_greedy(engine, prompts, max_tokens):
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
     return [done[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random model that speaks the bundled tokenizer (for alignment and evaluation tests,
+    which read it and never write it)."""
+    import shutil
+
+    from dsv2.cli import bundled_model_dir
+
+    path = tmp_path_factory.mktemp("tiny-bundled-tokenizer")
+    save_model(random_model(tiny_config(vocab_size=8192, max_position_embeddings=256), std=0.02), path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bundled_model_dir() / name, path / name)
+    return path

@@ -3,7 +3,6 @@ checkpoint and resume exactly (CPU, a tiny model with the bundled tokenizer)."""
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -13,26 +12,15 @@ from dsv2.align import arith
 from dsv2.align.chat_data import BadRow, encode_chat, read_chats
 from dsv2.align.grpo import GRPOConfig, GRPOTrainer, group_advantages, grpo_loss, kl_estimate
 from dsv2.align.sft import SFTConfig, SFTTrainer, sft_loss
-from dsv2.checkpoint import load_model, save_model
+from dsv2.checkpoint import load_model
 from dsv2.cli import bundled_model_dir, main
 from dsv2.tokenizer import Tokenizer
 
-from .conftest import random_model, tiny_config
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.from_dir(bundled_model_dir())
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random model that speaks the bundled tokenizer."""
-    path = tmp_path_factory.mktemp("tiny")
-    save_model(random_model(tiny_config(vocab_size=8192, max_position_embeddings=256), std=0.02), path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(bundled_model_dir() / name, path / name)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -159,22 +147,22 @@ def test_bad_rows_are_reported_with_their_line_and_skipped(tmp_path, tokenizer):
         read_chats(path, tokenizer, max_len=128, strict=True)
 
 
-def _sft_cfg(model_dir, arith_dir, out, **kw):
+def _sft_cfg(tiny_model_dir, arith_dir, out, **kw):
     kw = {"epochs": 0.5, **kw}
-    return SFTConfig(model=str(model_dir), data=str(arith_dir / "sft_train.jsonl"), out=str(out),
+    return SFTConfig(model=str(tiny_model_dir), data=str(arith_dir / "sft_train.jsonl"), out=str(out),
                      val_data=str(arith_dir / "sft_heldout.jsonl"), batch_size=8, micro_batch=4,
                      lr=3e-3, eval_every=2, checkpoint_every=2, progress=False, **kw)
 
 
-def test_sft_learns_and_resumes_exactly(model_dir, arith_dir, tmp_path):
-    whole = SFTTrainer(_sft_cfg(model_dir, arith_dir, tmp_path / "whole"))
+def test_sft_learns_and_resumes_exactly(tiny_model_dir, arith_dir, tmp_path):
+    whole = SFTTrainer(_sft_cfg(tiny_model_dir, arith_dir, tmp_path / "whole"))
     first_val = whole.evaluate()["val_loss"]
     out = whole.run()
     assert whole.step == 4 and out["val_loss"] < first_val
-    part = SFTTrainer(_sft_cfg(model_dir, arith_dir, tmp_path / "part"))
+    part = SFTTrainer(_sft_cfg(tiny_model_dir, arith_dir, tmp_path / "part"))
     part.total_steps = 2  # stop after the first checkpoint, as an interrupted run would
     part.run()
-    resumed = SFTTrainer(_sft_cfg(model_dir, arith_dir, tmp_path / "part"), resume=True)
+    resumed = SFTTrainer(_sft_cfg(tiny_model_dir, arith_dir, tmp_path / "part"), resume=True)
     assert resumed.step == 2
     resumed.run()
     for a, b in zip(whole.model.parameters(), resumed.model.parameters(), strict=True):
@@ -184,24 +172,24 @@ def test_sft_learns_and_resumes_exactly(model_dir, arith_dir, tmp_path):
     assert (tmp_path / "whole" / "model" / "tokenizer.json").is_file()
 
 
-def test_sft_refuses_an_existing_run_without_resume(model_dir, arith_dir, tmp_path):
-    SFTTrainer(_sft_cfg(model_dir, arith_dir, tmp_path / "r", epochs=0.25)).run()
+def test_sft_refuses_an_existing_run_without_resume(tiny_model_dir, arith_dir, tmp_path):
+    SFTTrainer(_sft_cfg(tiny_model_dir, arith_dir, tmp_path / "r", epochs=0.25)).run()
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        SFTTrainer(_sft_cfg(model_dir, arith_dir, tmp_path / "r"))
+        SFTTrainer(_sft_cfg(tiny_model_dir, arith_dir, tmp_path / "r"))
 
 
 # --- GRPO runs ---------------------------------------------------------------------------------
 
-def _grpo_cfg(model_dir, arith_dir, out, **kw):
+def _grpo_cfg(tiny_model_dir, arith_dir, out, **kw):
     kw = {"steps": 2, **kw}
-    return GRPOConfig(model=str(model_dir), prompts=str(arith_dir / "prompts_train.jsonl"), out=str(out),
+    return GRPOConfig(model=str(tiny_model_dir), prompts=str(arith_dir / "prompts_train.jsonl"), out=str(out),
                       eval_prompts=str(arith_dir / "prompts_heldout.jsonl"), eval_limit=4,
                       prompts_per_step=2, group_size=4, updates_per_step=2, micro_batch=4, max_new_tokens=8,
                       lr=1e-3, eval_every=1, checkpoint_every=1, progress=False, **kw)
 
 
-def test_grpo_steps_log_and_resume_exactly(model_dir, arith_dir, tmp_path):
-    whole = GRPOTrainer(_grpo_cfg(model_dir, arith_dir, tmp_path / "whole"))
+def test_grpo_steps_log_and_resume_exactly(tiny_model_dir, arith_dir, tmp_path):
+    whole = GRPOTrainer(_grpo_cfg(tiny_model_dir, arith_dir, tmp_path / "whole"))
     whole.run()
     records = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward_mean" in r]
@@ -210,26 +198,26 @@ def test_grpo_steps_log_and_resume_exactly(model_dir, arith_dir, tmp_path):
         assert all(math.isfinite(r[key]) for r in steps), key
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts at the reference
     assert [r["step"] for r in records if "eval_reward" in r] == [0, 1, 2]
-    part = GRPOTrainer(_grpo_cfg(model_dir, arith_dir, tmp_path / "part", steps=1))
+    part = GRPOTrainer(_grpo_cfg(tiny_model_dir, arith_dir, tmp_path / "part", steps=1))
     part.run()
-    resumed = GRPOTrainer(_grpo_cfg(model_dir, arith_dir, tmp_path / "part"), resume=True)
+    resumed = GRPOTrainer(_grpo_cfg(tiny_model_dir, arith_dir, tmp_path / "part"), resume=True)
     resumed.run()
     for a, b in zip(whole.policy.parameters(), resumed.policy.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
-def test_grpo_cli_rejects_unknown_reward(model_dir, arith_dir, capsys):
-    code = main(["grpo", "--model", str(model_dir), "--prompts", str(arith_dir / "prompts_train.jsonl"),
+def test_grpo_cli_rejects_unknown_reward(tiny_model_dir, arith_dir, capsys):
+    code = main(["grpo", "--model", str(tiny_model_dir), "--prompts", str(arith_dir / "prompts_train.jsonl"),
                  "--reward", "no-such-reward"])
     assert code == 1 and "no-such-reward" in capsys.readouterr().err
 
 
-def test_engine_rollouts_follow_the_policy_after_sync(model_dir, tokenizer):
+def test_engine_rollouts_follow_the_policy_after_sync(tiny_model_dir, tokenizer):
     """The engine backend samples from its own copy of the policy: greedy, it gives the reference
     generator's tokens, and after the policy changes and `sync`, the changed policy's tokens."""
     from dsv2.align.rollout import Rollout
 
-    policy = load_model(model_dir, dtype=torch.float32)
+    policy = load_model(tiny_model_dir, dtype=torch.float32)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
                for q in ("Tom has 3 pens. He buys 4 more pens. How many pens does Tom have now?", "Hi")]
     reference, engine = Rollout(policy, tokenizer, "reference"), Rollout(policy, tokenizer, "engine", max_len=128)
@@ -245,8 +233,8 @@ def test_engine_rollouts_follow_the_policy_after_sync(model_dir, tokenizer):
     assert [len(g) for g in sampled] == [3, 3] and sampled == engine.sample(prompts, 3, 6, 1.0, seed=5)
 
 
-def test_sft_cli_trains_and_prints_its_last_record(model_dir, arith_dir, tmp_path, capsys):
-    code = main(["sft", "--model", str(model_dir), "--data", str(arith_dir / "sft_train.jsonl"),
+def test_sft_cli_trains_and_prints_its_last_record(tiny_model_dir, arith_dir, tmp_path, capsys):
+    code = main(["sft", "--model", str(tiny_model_dir), "--data", str(arith_dir / "sft_train.jsonl"),
                  "--out", str(tmp_path / "cli"), "--epochs", "0.125", "--batch-size", "8", "--micro-batch", "8",
                  "--no-progress"])
     assert code == 0

@@ -3,17 +3,14 @@ answer right and wrong, the two backends against each other, and the `dsv2 eval`
 
 import json
 import random
-import shutil
 
 import pytest
 
-from dsv2.checkpoint import save_model
 from dsv2.cli import bundled_model_dir, main
 from dsv2.eval import exact_match, multiple_choice
 from dsv2.eval.lm import EvalModel
 from dsv2.tokenizer import Tokenizer
 
-from .conftest import random_model, tiny_config
 
 MC = [{"question": "What color is the sky on a clear day?", "choices": ["blue", "green", "red"], "answer": 0},
       {"question": {"stem": "Which is a fruit?", "choices": [{"label": "A", "text": "stone"},
@@ -105,17 +102,8 @@ def test_a_malformed_row_names_its_line(tmp_path):
         multiple_choice.load(path)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    save_model(random_model(tiny_config(vocab_size=8192, max_position_embeddings=256), std=0.02), path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(bundled_model_dir() / name, path / name)
-    return path
-
-
-def test_engine_and_reference_backends_agree(tiny_dir):
-    ref = EvalModel(tiny_dir, device="cpu", backend="reference", batch_size=3)
+def test_engine_and_reference_backends_agree(tiny_model_dir):
+    ref = EvalModel(tiny_model_dir, device="cpu", backend="reference", batch_size=3)
     eng = EvalModel(ref.model, ref.tokenizer, backend="engine")
     tok = ref.tokenizer
     reqs = [(tok.encode("The king of France is", add_bos=True), tok.encode(" dead")),
@@ -127,8 +115,8 @@ def test_engine_and_reference_backends_agree(tiny_dir):
     assert ref.generate(prompts, 6, stop=["\n"]) == eng.generate(prompts, 6, stop=["\n"])
 
 
-def test_greedy_flag_is_true_for_the_model_s_own_greedy_continuation(tiny_dir):
-    model = EvalModel(tiny_dir, device="cpu", backend="reference")
+def test_greedy_flag_is_true_for_the_model_s_own_greedy_continuation(tiny_model_dir):
+    model = EvalModel(tiny_model_dir, device="cpu", backend="reference")
     context = model.tokenizer.encode("Once upon a time", add_bos=True)
     from dsv2.generate import generate
 
@@ -137,11 +125,11 @@ def test_greedy_flag_is_true_for_the_model_s_own_greedy_continuation(tiny_dir):
     assert is_greedy and not other and lp < 0
 
 
-def test_eval_command_writes_json_and_markdown(tiny_dir, tmp_path, capsys):
-    code = main(["eval", "--model", str(tiny_dir), "--task", "mc", "--data", str(_write(tmp_path / "mc.jsonl", MC)),
+def test_eval_command_writes_json_and_markdown(tiny_model_dir, tmp_path, capsys):
+    code = main(["eval", "--model", str(tiny_model_dir), "--task", "mc", "--data", str(_write(tmp_path / "mc.jsonl", MC)),
                  "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 0
     result = json.loads((tmp_path / "out" / "mc.json").read_text())
     assert result["metrics"]["questions"] == 4 and 0 <= result["metrics"]["acc"] <= 1
     assert "| tiny" in (tmp_path / "out" / "mc.md").read_text() and "acc_norm" in capsys.readouterr().out
-    assert main(["eval", "--model", str(tiny_dir), "--task", "gsm8k"]) == 1  # no --data: a clear error
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "gsm8k"]) == 1  # no --data: a clear error

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -19,12 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'dsv2[eval]')")
 
-from dsv2.checkpoint import save_model
-from dsv2.cli import bundled_model_dir
 from dsv2.eval.lm import EvalModel
 from dsv2.eval.lm_eval_adapter import DSV2LM, register
 
-from .conftest import random_model, tiny_config
 
 
 def req(*args):
@@ -33,18 +29,8 @@ def req(*args):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random model that speaks the bundled tokenizer."""
-    path = tmp_path_factory.mktemp("tiny")
-    save_model(random_model(tiny_config(vocab_size=8192, max_position_embeddings=256), std=0.02), path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(bundled_model_dir() / name, path / name)
-    return path
-
-
-@pytest.fixture(scope="module")
-def eval_model(model_dir):
-    return EvalModel(model_dir, device="cpu", backend="reference", batch_size=4)
+def eval_model(tiny_model_dir):
+    return EvalModel(tiny_model_dir, device="cpu", backend="reference", batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +38,13 @@ def lm(eval_model):
     return DSV2LM.from_eval_model(eval_model)
 
 
-def test_registered_and_built_from_model_args(model_dir):
+def test_registered_and_built_from_model_args(tiny_model_dir):
     from lm_eval.api.registry import get_model
 
     assert get_model("dsv2") is register() is DSV2LM
     # lm_eval hands model_args over as strings (or what its parser makes of them)
     built = get_model("dsv2").create_from_arg_string(
-        f"pretrained={model_dir},device=cpu,dtype=float32,backend=reference", {"batch_size": "auto", "device": None})
+        f"pretrained={tiny_model_dir},device=cpu,dtype=float32,backend=reference", {"batch_size": "auto", "device": None})
     assert built.model.backend == "reference" and built.model.batch_size == 32
     assert built.max_length == 256
 

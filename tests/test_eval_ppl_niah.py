@@ -7,19 +7,16 @@ from __future__ import annotations
 import math
 import random
 import re
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv2.checkpoint import save_model
 from dsv2.cli import bundled_model_dir
 from dsv2.eval.lm import EvalModel
 from dsv2.eval.niah import default_filler, make_haystack, make_needle, run_niah
 from dsv2.eval.perplexity import run_perplexity, windows
 
-from .conftest import random_model, tiny_config
 
 TEXT = ("The committee met on a grey Tuesday to settle the budget. Nobody agreed on the numbers, "
         "so the chair proposed a recess, and the recess became lunch. Über-long words, naïve cafés "
@@ -27,18 +24,8 @@ TEXT = ("The committee met on a grey Tuesday to settle the budget. Nobody agreed
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random model that speaks the bundled tokenizer."""
-    path = tmp_path_factory.mktemp("tiny")
-    save_model(random_model(tiny_config(vocab_size=8192, max_position_embeddings=256), std=0.02), path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(bundled_model_dir() / name, path / name)
-    return path
-
-
-@pytest.fixture(scope="module")
-def lm(model_dir):
-    return EvalModel(model_dir, device="cpu", backend="reference")
+def lm(tiny_model_dir):
+    return EvalModel(tiny_model_dir, device="cpu", backend="reference")
 
 
 @pytest.fixture(scope="module")

@@ -16,25 +16,24 @@ them and the ratio and its clipping start to matter.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
-import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import load_model
 from ..tokenizer import Tokenizer
-from ..train import checkpoint as ckpt
 from ..train.loop import param_groups
 from . import rewards
 from .rollout import Rollout
-from .sft import PAPER_WIDTH, TOKENIZER_FILES
+from .run import Run
+from .sft import PAPER_WIDTH
 from .tokens import pad_rows, token_logprobs
 
 PAPER_LR = 1e-6  # DeepSeekMath's GRPO learning rate, at DeepSeek-V2's width scaled as SFT's
@@ -147,19 +146,11 @@ def read_prompts(path: str | Path, tokenizer: Tokenizer, report=print) -> list[d
 class GRPOTrainer:
     def __init__(self, cfg: GRPOConfig, resume: bool = False):
         self.cfg = cfg
-        self.run_dir = Path(cfg.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device(cfg.device if cfg.device != "auto" else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
-        bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        if not resume and ckpt.checkpoints(self.run_dir):
-            raise ValueError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
-                             "or choose another out directory")
-        start = ckpt.latest_valid(self.run_dir) if resume else None
+        self.out = Run(cfg.out, cfg.device, cfg.autocast, resume)
+        self.device, self.autocast = self.out.device, self.out.autocast
         self.tokenizer = Tokenizer.from_dir(cfg.model)
         self.reward = rewards.get(cfg.reward)
-        self.policy = load_model(start / "model" if start else cfg.model, self.device, torch.float32).train()
+        self.policy = load_model(self.out.weights(cfg.model), self.device, torch.float32).train()
         self.reference = load_model(cfg.model, self.device, torch.float32).eval().requires_grad_(False)
         self.prompts = read_prompts(cfg.prompts, self.tokenizer)
         self.eval_rows = read_prompts(cfg.eval_prompts, self.tokenizer)[: cfg.eval_limit] if cfg.eval_prompts else []
@@ -169,33 +160,22 @@ class GRPOTrainer:
         self.lr = cfg.lr or PAPER_LR * PAPER_WIDTH / self.policy.config.hidden_size
         self.optimizer = torch.optim.AdamW(param_groups(self.policy, cfg.weight_decay), lr=self.lr,
                                            betas=(0.9, 0.95), fused=self.device.type == "cuda")
-        self.step = 0
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        if start is not None:
-            saved = ckpt.load_trainer_state(start)
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.step = saved["state"]["step"]
-            ckpt.set_rng_state(saved["rng"])
-            self.rollout.sync()
-            lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
-            self.metrics_path.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= self.step))
-            print(f"dsv2: resumed from {start} (step {self.step})")
-        else:
-            torch.manual_seed(cfg.seed)
-            self.metrics_path.write_text("")
-        (self.run_dir / "grpo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        self.step = self.out.restore(self.optimizer, cfg.seed)
+        self.rollout.sync()  # a resumed policy's weights into the engine's copy
+        (self.out.dir / "grpo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     def _batch(self, step: int) -> list[dict]:
         """Round `step`'s prompts: passes through a fresh shuffle of the prompts, by the seed alone."""
         per = self.cfg.prompts_per_step
         start = step * per
-        out = []
-        while len(out) < per:
-            epoch, k = divmod(start + len(out), len(self.prompts))
-            order = list(range(len(self.prompts)))
-            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
-            out.append(self.prompts[order[k]])
-        return out
+        return [self.prompts[self._order(epoch)[k]]
+                for epoch, k in (divmod(i, len(self.prompts)) for i in range(start, start + per))]
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - one trainer per run; a round spans at most two epochs
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+        return order
 
     @torch.no_grad()
     def _logprobs(self, model, tokens, valid) -> torch.Tensor:
@@ -256,33 +236,24 @@ class GRPOTrainer:
         return {"step": self.step, **score(self.rollout, self.tokenizer, self.eval_rows, self.reward,
                                             self.cfg.max_new_tokens)}
 
-    def _log(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
     def run(self) -> dict:
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not cfg.progress, dynamic_ncols=True)
         last: dict = {}
         if self.step == 0 and self.eval_rows:
-            self._log(self.evaluate())
+            self.out.log(self.evaluate())
         while self.step < cfg.steps:
             last = self.train_step()
-            self._log(last)
+            self.out.log(last)
             bar.update(1)
             bar.set_postfix(reward=f"{last['reward_mean']:.3f}", kl=f"{last['kl']:.4f}")
             if self.eval_rows and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 last.update(self.evaluate())
-                self._log({k: last[k] for k in ("step", "eval_reward", "eval_n")})
+                self.out.log({k: last[k] for k in ("step", "eval_reward", "eval_n")})
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                ckpt.save_checkpoint(self.run_dir, self.step, self.policy, self.optimizer, {"step": self.step},
-                                     cfg.keep_checkpoints)
+                self.out.save(self.step, self.policy, self.optimizer, cfg.keep_checkpoints)
         bar.close()
-        final = self.run_dir / "model"
-        save_model(self.policy, final)
-        for name in TOKENIZER_FILES:
-            if (Path(cfg.model) / name).is_file():
-                shutil.copy2(Path(cfg.model) / name, final / name)
+        self.out.save_final(self.policy, cfg.model)
         return last
 
 

@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import load_model
 from ..tokenizer import Tokenizer
-from ..train import checkpoint as ckpt
 from ..train.loop import param_groups
 from .chat_data import ChatExample, read_chats
+from .run import Run
 from .tokens import pad_rows, token_logprobs
 
 PAPER_LR, PAPER_WIDTH = 5e-6, 5120
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -83,19 +79,10 @@ def default_lr(hidden_size: int) -> float:
 class SFTTrainer:
     def __init__(self, cfg: SFTConfig, resume: bool = False):
         self.cfg = cfg
-        self.run_dir = Path(cfg.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device(cfg.device if cfg.device != "auto" else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
-        bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        if not resume and ckpt.checkpoints(self.run_dir):
-            raise ValueError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
-                             "or choose another out directory")
-        start = ckpt.latest_valid(self.run_dir) if resume else None
+        self.out = Run(cfg.out, cfg.device, cfg.autocast, resume)
+        self.device, self.autocast = self.out.device, self.out.autocast
         self.tokenizer = Tokenizer.from_dir(cfg.model)
-        self.model = load_model(start / "model" if start else cfg.model, device=self.device,
-                                dtype=torch.float32).train()
+        self.model = load_model(self.out.weights(cfg.model), device=self.device, dtype=torch.float32).train()
         self.max_len = cfg.max_len or self.model.config.max_position_embeddings
         self.train_set, self.val_set = self._datasets()
         self.lr = cfg.lr or default_lr(self.model.config.hidden_size)
@@ -103,20 +90,8 @@ class SFTTrainer:
         self.total_steps = max(1, math.ceil(self.steps_per_epoch * cfg.epochs))
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=self.lr,
                                            betas=(0.9, 0.95), fused=self.device.type == "cuda")
-        self.step = 0
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        if start is not None:
-            saved = ckpt.load_trainer_state(start)
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.step = saved["state"]["step"]
-            ckpt.set_rng_state(saved["rng"])
-            lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
-            self.metrics_path.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= self.step))
-            print(f"dsv2: resumed from {start} (step {self.step})")
-        else:
-            torch.manual_seed(cfg.seed)
-            self.metrics_path.write_text("")
-        (self.run_dir / "sft_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        self.step = self.out.restore(self.optimizer, cfg.seed)
+        (self.out.dir / "sft_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
     def _datasets(self) -> tuple[list[ChatExample], list[ChatExample]]:
         cfg = self.cfg
@@ -181,14 +156,6 @@ class SFTTrainer:
         self.model.train()
         return {"step": self.step, "val_loss": total / max(count, 1)}
 
-    def _log(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _save(self) -> None:
-        ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, {"step": self.step},
-                             self.cfg.keep_checkpoints)
-
     def run(self) -> dict:
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not cfg.progress,
@@ -196,32 +163,22 @@ class SFTTrainer:
         last: dict = {}
         t0 = time.perf_counter()
         if self.step == 0 and self.val_set:
-            self._log(self.evaluate())
+            self.out.log(self.evaluate())
         while self.step < self.total_steps:
             record = self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             last = record
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self._log({**record, "elapsed_s": time.perf_counter() - t0})
+                self.out.log({**record, "elapsed_s": time.perf_counter() - t0})
             if self.val_set and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                 last.update(self.evaluate())
-                self._log({"step": self.step, "val_loss": last["val_loss"]})
+                self.out.log({"step": self.step, "val_loss": last["val_loss"]})
             if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
-                self._save()
+                self.out.save(self.step, self.model, self.optimizer, cfg.keep_checkpoints)
         bar.close()
-        self.save_final()
+        self.out.save_final(self.model, self.cfg.model)
         return last
-
-    def save_final(self) -> Path:
-        """The fine-tuned model with its tokenizer, ready for `dsv2 chat --model` and the engine; in
-        fp32, as trained (a bf16 copy would round away updates smaller than 1/256 of a weight)."""
-        final = self.run_dir / "model"
-        save_model(self.model, final)
-        for name in TOKENIZER_FILES:
-            if (Path(self.cfg.model) / name).is_file():
-                shutil.copy2(Path(self.cfg.model) / name, final / name)
-        return final
 
 
 def sft(cfg: SFTConfig, resume: bool = False) -> dict:
