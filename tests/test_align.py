@@ -16,6 +16,11 @@ from dsv2.checkpoint import load_model
 from dsv2.cli import bundled_model_dir, main
 from dsv2.tokenizer import Tokenizer
 
+from .numerics import assert_greedy, tol
+
+# fp32 losses and gradients of O(1) against float64 hand computations: a few ulps
+FP32 = tol(torch.float32, 2**4)
+
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +49,11 @@ def test_kl_estimator_is_the_unbiased_form_and_nonnegative():
     logp = torch.tensor([math.log(0.5), math.log(0.2), math.log(0.3)])
     ref = torch.tensor([math.log(0.25), math.log(0.2), math.log(0.6)])
     want = [0.5 - math.log(0.5) - 1, 0.0, 2.0 - math.log(2.0) - 1]
-    assert torch.allclose(kl_estimate(logp, ref), torch.tensor(want), atol=1e-6)
+    assert torch.allclose(kl_estimate(logp, ref), torch.tensor(want), atol=FP32)
     # its expectation under pi_theta is KL(pi_theta || pi_ref)
     p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.3, 0.3, 0.4])
     expected = (p * kl_estimate(p.log(), q.log())).sum()
-    assert torch.allclose(expected, (p * (p / q).log()).sum(), atol=1e-6)
+    assert torch.allclose(expected, (p * (p / q).log()).sum(), atol=FP32)
 
 
 def test_grpo_loss_and_gradient_match_a_hand_computed_case():
@@ -68,14 +73,14 @@ def test_grpo_loss_and_gradient_match_a_hand_computed_case():
     obj0 = ((1.2 * 1.0 - beta * kl(0.5, 0.5)) + (1.0 * 1.0 - beta * kl(0.3, 0.2))) / 2
     rho = 0.2 / 0.24
     obj1 = rho * -0.5 - beta * kl(0.2, 0.2)
-    assert loss.item() == pytest.approx(-(obj0 + obj1) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx(-(obj0 + obj1) / 2, abs=FP32)
     loss.backward()
     # d(-J)/d logp: the clipped token's surrogate has no gradient, only its KL term does;
     # d/dlogp [rho A] = rho A; d/dlogp [-beta kl] = -beta (1 - pi_ref / pi)
     g = logp.grad
-    assert g[0, 0].item() == pytest.approx(-(-beta * (1 - 0.5 / 0.5)) / 2 / 2, abs=1e-6)
-    assert g[0, 1].item() == pytest.approx(-(1.0 - beta * (1 - 0.2 / 0.3)) / 2 / 2, abs=1e-6)
-    assert g[1, 0].item() == pytest.approx(-(rho * -0.5 - beta * (1 - 0.2 / 0.2)) / 2, abs=1e-6)
+    assert g[0, 0].item() == pytest.approx(-(-beta * (1 - 0.5 / 0.5)) / 2 / 2, abs=FP32)
+    assert g[0, 1].item() == pytest.approx(-(1.0 - beta * (1 - 0.2 / 0.3)) / 2 / 2, abs=FP32)
+    assert g[1, 0].item() == pytest.approx(-(rho * -0.5 - beta * (1 - 0.2 / 0.2)) / 2, abs=FP32)
     assert g[1, 1].item() == 0.0  # padding
     assert stats["clip_fraction"].item() == pytest.approx(1 / 3)
 
@@ -89,7 +94,7 @@ def test_grpo_loss_ignores_prompt_and_padding_positions():
     base, _ = grpo_loss(logp, old, ref, adv, mask, 0.2, 0.04)
     noise = torch.where(mask, 0.0, 5.0 * torch.randn(3, 6))
     moved, _ = grpo_loss(logp + noise, old - noise, ref + noise, adv, mask, 0.2, 0.04)
-    assert moved.item() == pytest.approx(base.item(), abs=1e-6)
+    assert moved.item() == pytest.approx(base.item(), abs=FP32)
 
 
 # --- SFT ---------------------------------------------------------------------------------------
@@ -127,7 +132,7 @@ def test_sft_loss_is_cross_entropy_over_assistant_tokens_only(tokenizer):
         want += F.cross_entropy(logits[i, p - 1:t - 1], tokens[i, p:t], reduction="sum").item()
         n += t - p
     assert count.item() == n
-    assert total.item() == pytest.approx(want, rel=1e-5)
+    assert total.item() == pytest.approx(want, rel=tol(torch.float32, 2**7))  # fp32 sums of ~100 terms
 
 
 def test_bad_rows_are_reported_with_their_line_and_skipped(tmp_path, tokenizer):
@@ -196,7 +201,7 @@ def test_grpo_steps_log_and_resume_exactly(tiny_model_dir, arith_dir, tmp_path):
     assert [r["step"] for r in steps] == [1, 2]
     for key in ("reward_std", "kl", "clip_fraction", "length_mean", "groups_with_signal"):
         assert all(math.isfinite(r[key]) for r in steps), key
-    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts at the reference
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=FP32)  # the first update starts at the reference
     assert [r["step"] for r in records if "eval_reward" in r] == [0, 1, 2]
     part = GRPOTrainer(_grpo_cfg(tiny_model_dir, arith_dir, tmp_path / "part", steps=1))
     part.run()
@@ -213,22 +218,25 @@ def test_grpo_cli_rejects_unknown_reward(tiny_model_dir, arith_dir, capsys):
 
 
 def test_engine_rollouts_follow_the_policy_after_sync(tiny_model_dir, tokenizer):
-    """The engine backend samples from its own copy of the policy: greedy, it gives the reference
-    generator's tokens, and after the policy changes and `sync`, the changed policy's tokens."""
+    """The engine backend samples from its own copy of the policy: greedy, it gives the policy's
+    greedy tokens, and after the policy changes and `sync`, the changed policy's tokens."""
     from dsv2.align.rollout import Rollout
 
     policy = load_model(tiny_model_dir, dtype=torch.float32)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
                for q in ("Tom has 3 pens. He buys 4 more pens. How many pens does Tom have now?", "Hi")]
-    reference, engine = Rollout(policy, tokenizer, "reference"), Rollout(policy, tokenizer, "engine", max_len=128)
-    assert engine.sample(prompts, 1, 6, 0.0) == reference.sample(prompts, 1, 6, 0.0)
+    engine = Rollout(policy, tokenizer, "engine", max_len=128)
+    for p, [got] in zip(prompts, engine.sample(prompts, 1, 6, 0.0), strict=True):
+        assert_greedy(policy, p, got)
     torch.manual_seed(0)
     with torch.no_grad():
         policy.lm_head.weight.add_(0.05 * torch.randn_like(policy.lm_head.weight))
     before = engine.sample(prompts, 1, 6, 0.0)
     engine.sync()
     after = engine.sample(prompts, 1, 6, 0.0)
-    assert after == reference.sample(prompts, 1, 6, 0.0) != before
+    assert after != before
+    for p, [got] in zip(prompts, after, strict=True):
+        assert_greedy(policy, p, got)
     sampled = engine.sample(prompts, 3, 6, 1.0, seed=5)
     assert [len(g) for g in sampled] == [3, 3] and sampled == engine.sample(prompts, 3, 6, 1.0, seed=5)
 

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from dsv2.checkpoint import CheckpointError, checkpoint_tensors, load_model, save_model
 
 from .conftest import random_model, tiny_config
+from .numerics import MODEL_ULPS, assert_close
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_saved_files_load_in_transformers_with_same_logits(model, tmp_path):
     hf = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     tokens = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
-        assert (hf(tokens).logits - model(tokens)).abs().max() < 1e-4
+        assert_close(hf(tokens).logits, model(tokens), MODEL_ULPS)
 
 
 def test_reads_transformers_save_pretrained(model, tmp_path):

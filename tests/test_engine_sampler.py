@@ -15,6 +15,8 @@ from dsv2.engine.sampler import (
 )
 from dsv2.tokenizer import train_bpe
 
+from .numerics import tol
+
 INF = float("inf")
 
 
@@ -246,8 +248,11 @@ def test_vectorized_matches_reference_twin():
     fast = Sampler().process(logits, rows)
     for i, r in enumerate(rows):
         slow = reference_process(logits[i], r)
+        # which tokens survive is a discrete outcome: it changes only when a cumulative probability
+        # lands within rounding of top_p, which these draws never do
         assert torch.equal(torch.isfinite(fast[i]), torch.isfinite(slow)), i
-        torch.testing.assert_close(fast[i], slow, rtol=1e-5, atol=1e-5)
+        # the batched penalties and scalings in another order: a few ulps of logits of ~10
+        torch.testing.assert_close(fast[i], slow, rtol=tol(torch.float32, 2**4), atol=tol(torch.float32, 2**6))
 
 
 def test_process_leaves_input_alone():
@@ -345,7 +350,7 @@ def test_logprobs_are_raw_and_top_n_sorted():
         ids = raw[i].argsort(descending=True)[:n].tolist()
         assert [t for t, _ in top] == ids
         for t, v in top:
-            assert v == pytest.approx(raw[i, t].item(), abs=1e-6)
+            assert v == pytest.approx(raw[i, t].item(), abs=tol(torch.float32, 2**5))  # log-softmax of ~10
 
 
 def test_logprobs_more_than_vocab():
@@ -575,7 +580,6 @@ def test_detokenizer_random_against_cut_decode(tok):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_seeded_batch_independence_on_cuda():
     torch.manual_seed(0)
     vocab = 32000

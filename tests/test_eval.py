@@ -5,11 +5,14 @@ import json
 import random
 
 import pytest
+import torch
 
 from dsv2.cli import bundled_model_dir, main
 from dsv2.eval import exact_match, multiple_choice
 from dsv2.eval.lm import EvalModel
 from dsv2.tokenizer import Tokenizer
+
+from .numerics import tol
 
 
 MC = [{"question": "What color is the sky on a clear day?", "choices": ["blue", "green", "red"], "answer": 0},
@@ -109,8 +112,9 @@ def test_engine_and_reference_backends_agree(tiny_model_dir):
     reqs = [(tok.encode("The king of France is", add_bos=True), tok.encode(" dead")),
             (tok.encode("def add(a, b):\n    return"), tok.encode(" a + b")), ([], tok.encode("Hello world")),
             (list(range(5, 400)), tok.encode(" truncated from the left"))]
-    for (a, ga), (b, gb) in zip(ref.loglikelihood(reqs), eng.loglikelihood(reqs), strict=True):
-        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+    for (a, ga), (b, gb), (_, cont) in zip(ref.loglikelihood(reqs), eng.loglikelihood(reqs), reqs, strict=True):
+        # sums of log-probs of ~10 by two op sequences: a few ulps of each term
+        assert a == pytest.approx(b, abs=len(cont) * tol(torch.float32, 2**7)) and ga == gb
     prompts = [tok.encode("To be or not to be"), tok.encode("import os\nimport")]
     assert ref.generate(prompts, 6, stop=["\n"]) == eng.generate(prompts, 6, stop=["\n"])
 

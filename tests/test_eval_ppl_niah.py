@@ -17,6 +17,8 @@ from dsv2.eval.lm import EvalModel
 from dsv2.eval.niah import default_filler, make_haystack, make_needle, run_niah
 from dsv2.eval.perplexity import run_perplexity, windows
 
+from .numerics import tol
+
 
 TEXT = ("The committee met on a grey Tuesday to settle the budget. Nobody agreed on the numbers, "
         "so the chair proposed a recess, and the recess became lunch. Über-long words, naïve cafés "
@@ -68,8 +70,8 @@ def test_perplexity_in_one_window_is_the_full_context_nll(lm, text_file):
 
     m = run_perplexity(lm, text_file)["metrics"]
     assert m["tokens"] == len(tokens) - 1
-    assert m["nll_per_token"] == pytest.approx(nll, rel=1e-5)
-    assert m["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert m["nll_per_token"] == pytest.approx(nll, rel=tol(torch.float32, 2**7))
+    assert m["perplexity"] == pytest.approx(math.exp(nll), rel=tol(torch.float32, 2**7))
     # the scored text is everything after the first token
     first = len(lm.tokenizer.decode(tokens[:1]).encode("utf-8"))
     assert m["bytes"] == len(TEXT.encode("utf-8")) - first
@@ -84,7 +86,7 @@ def test_strided_windows_give_each_token_the_context_the_window_allows(lm, text_
     r = run_perplexity(lm, text_file, window=window, stride=1)
     assert r["metrics"]["tokens"] == len(tokens) - 1
     want = nll_window_minus_one(lm, tokens, window)
-    assert r["metrics"]["nll_per_token"] == pytest.approx(want / (len(tokens) - 1), rel=1e-5)
+    assert r["metrics"]["nll_per_token"] == pytest.approx(want / (len(tokens) - 1), rel=tol(torch.float32, 2**7))
 
     for stride in (window - 1, window // 2):
         m = run_perplexity(lm, text_file, window=window, stride=stride)["metrics"]

@@ -9,6 +9,8 @@ from dsv2.model import MLP, Experts, Gate, MoE
 from dsv2.model.kernels.moe_gemm import fused_experts, fused_experts_reference
 from dsv2.model.kernels.moe_route import moe_align, moe_align_reference
 
+from .numerics import assert_close
+
 
 def _tables(g, lengths, block_size, extra_width=0):
     """(block tables [B, max_blocks + extra_width], number of pages): pages scattered through the
@@ -41,11 +43,10 @@ def test_reference_matches_dense_attention():
     for i, n in enumerate(lens.tolist()):
         rows = torch.cat([kv[p] for p in tables[i, : (n + 15) // 16].long()])[:n]
         want = ((q_lat[i] @ rows[:, :32].T + q_rope[i] @ rows[:, 32:].T) * 0.1).softmax(-1) @ rows[:, :32]
-        assert torch.allclose(out[i], want, atol=1e-5)
+        assert_close(out[i], want, 2**5)  # one softmax-weighted sum over the pages, reordered
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("b, h, lengths, splits", [
     (1, 16, [1], None), (3, 16, [63, 64, 65], None), (4, 128, [1000, 7, 4100, 129], None),
     (16, 16, list(range(1, 2000, 125)), 1), (16, 16, list(range(1, 2000, 125)), 8), (2, 20, [300, 900], None),
@@ -62,7 +63,6 @@ def test_triton_mla_decode_against_reference(b, h, lengths, splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("h, v, lengths, splits", [(16, 128, [1], None), (16, 128, [1500], None), (20, 48, [300], 4),
                                                     (128, 128, [4100], None)])
 def test_triton_mla_decode_folds_w_uv_for_one_sequence(h, v, lengths, splits):
@@ -83,7 +83,6 @@ def test_triton_mla_decode_folds_w_uv_for_one_sequence(h, v, lengths, splits):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("b, h, d, lengths, block_size, splits", [
     (1, 32, 128, [1], 64, None), (3, 8, 128, [63, 64, 65], 64, None),
@@ -153,7 +152,7 @@ def test_fused_experts_reference_is_the_moe_layer():
             lin.weight.copy_(w)
         want = experts.reference(x, idx, weight) + mlp(x)
     got = fused_experts_reference(x, idx, weight, w_gate, w_up, w_down, shared)
-    assert torch.allclose(got, want, atol=1e-5)
+    assert_close(got, want, 2**5)  # the same expert sums, gathered in another order
 
 
 def test_moe_align_reference_sorts_assignments_by_expert():
@@ -165,7 +164,6 @@ def test_moe_align_reference_sorts_assignments_by_expert():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n, k, n_routed, n_shared", [
     (1, 6, 64, 2), (7, 6, 64, 2), (170, 6, 64, 2), (64, 6, 160, 2), (33, 2, 8, 0), (5, 1, 4, 1)])
 def test_triton_moe_align_against_reference(n, k, n_routed, n_shared):
@@ -179,7 +177,6 @@ def test_triton_moe_align_against_reference(n, k, n_routed, n_shared):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("overrides", [
     {},  # V2-Lite: greedy over 64 experts
     {"norm_topk_prob": True},
@@ -209,7 +206,6 @@ def test_triton_moe_route_against_gate(overrides, n):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n, k, n_experts, inter, dim, n_shared, skew", [
     (1, 6, 64, 1408, 2048, 2, 0.0),  # V2-Lite, batch 1
@@ -232,7 +228,6 @@ def test_triton_fused_experts_against_reference(n, k, n_experts, inter, dim, n_s
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("k, n_experts, inter, dim, n_shared", [
     (6, 64, 1408, 2048, 2),  # V2-Lite
@@ -264,7 +259,6 @@ def test_triton_one_token_experts_add_the_residual_in_the_down_gemm(k, n_experts
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_moe_decode_batch_takes_fused_path_and_matches_reference(monkeypatch):
     import dataclasses
     from dsv2.config import preset
@@ -288,7 +282,6 @@ def test_moe_decode_batch_takes_fused_path_and_matches_reference(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m, n, n2, k", [
     (1, 3072, 576, 2048),  # V2-Lite q_proj with kv_a_proj_with_mqa, batch 1
@@ -314,7 +307,6 @@ def test_triton_small_linear_against_reference(m, n, n2, k, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_batched_small_linear_takes_strided_heads():
     from dsv2.model.kernels.small_linear import batched_small_linear
 
@@ -334,7 +326,6 @@ def test_triton_batched_small_linear_takes_strided_heads():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_batched_small_linear_reads_fp32_input_with_bf16_weights():
     """MLA's W^UV takes the decode kernel's fp32 output as it is (no cast launch): bf16 out."""
     from dsv2.model.kernels.small_linear import batched_small_linear
@@ -350,7 +341,6 @@ def test_triton_batched_small_linear_reads_fp32_input_with_bf16_weights():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_batched_small_linear_reads_w_uk_transposed():
     from dsv2.model.kernels.small_linear import batched_small_linear
 
@@ -366,7 +356,6 @@ def test_triton_batched_small_linear_reads_w_uk_transposed():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype, cache_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
                                                 (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("b, h, nope, r, dr", [(1, 16, 128, 512, 64), (5, 20, 16, 32, 8)])
@@ -398,7 +387,6 @@ def test_triton_mla_prologue_against_reference(b, h, nope, r, dr, dtype, cache_d
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("b, v, dtype", [(1, 102400, torch.bfloat16), (7, 5001, torch.float32), (3, 300, torch.bfloat16)])
 def test_triton_greedy_against_reference(b, v, dtype):
     from dsv2.engine.kernels.greedy import greedy, greedy_reference

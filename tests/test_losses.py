@@ -8,6 +8,8 @@ from dsv2.model.moe import TokenDropping, capacity_mask
 from dsv2.train.losses import BalanceConfig, balance_losses, training_loss
 from dsv2.train.schedule import batch_size, learning_rate
 
+from .numerics import tol
+
 
 def _route(scores, idx):
     scores = torch.tensor(scores, dtype=torch.float32)
@@ -51,7 +53,7 @@ def test_balance_losses_match_a_loop_transcription():
             want["device"] += 0.05 * f_dev * p_dev / b
             want["comm"] += 0.02 * d / (m * t) * sent * p_dev / b
     for name in want:
-        assert out[name].item() == pytest.approx(want[name], rel=1e-5)
+        assert out[name].item() == pytest.approx(want[name], rel=tol(torch.float32, 2**7))
 
 
 def test_balanced_routing_gives_the_minimum():

@@ -8,6 +8,7 @@ from dsv2.model import Experts, Gate
 from dsv2.model.moe import gate_logits, grouped_mm
 
 from .conftest import PARITY_CONFIGS, hf_model, random_model, tiny_config
+from .numerics import MODEL_ULPS, assert_close, tol
 
 
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
@@ -19,7 +20,7 @@ def test_logits_match_transformers(name, tmp_path):
     with torch.no_grad():
         ours, theirs = model(tokens), hf(tokens).logits
     assert ours.abs().max() > 1  # not a degenerate model
-    assert (ours - theirs).abs().max() < 1e-4
+    assert_close(ours, theirs, MODEL_ULPS)
 
 
 def test_padded_batch_matches_transformers(tmp_path):
@@ -37,8 +38,8 @@ def test_padded_batch_matches_transformers(tmp_path):
         theirs = hf(tokens, attention_mask=mask, position_ids=positions).logits
         alone = model(tokens[0:1, 20:])
     real = mask.bool()
-    assert (ours[real] - theirs[real]).abs().max() < 1e-4
-    assert (ours[0, 20:] - alone[0]).abs().max() < 1e-4  # padding changes nothing for real tokens
+    assert_close(ours[real], theirs[real], MODEL_ULPS)
+    assert_close(ours[0, 20:], alone[0], MODEL_ULPS)  # padding changes nothing for real tokens
     assert torch.isfinite(ours).all()
 
 
@@ -47,7 +48,7 @@ def test_absorbed_attention_equals_expanded(name):
     model = random_model(tiny_config(**PARITY_CONFIGS[name]), seed=5)
     tokens = torch.randint(0, model.config.vocab_size, (2, 40))
     with torch.no_grad():
-        assert (model(tokens, absorb=True) - model(tokens)).abs().max() < 1e-4
+        assert_close(model(tokens, absorb=True), model(tokens), MODEL_ULPS)
 
 
 def _experts(seed):
@@ -64,7 +65,8 @@ def test_grouped_experts_equal_per_expert_reference():
     idx = torch.stack([torch.randperm(8)[:3] for _ in range(37)])
     idx[:10] = torch.tensor([5, 1, 2])  # an uneven load; expert 7 may go unused
     w = torch.rand(37, 3)
-    assert (experts(x, idx, w) - experts.reference(x, idx, w)).abs().max() < 1e-5
+    # one expert layer (sums of 16 and 12 terms, O(1) values) in another order: a few ulps
+    assert_close(experts(x, idx, w), experts.reference(x, idx, w), 2**5)
 
 
 def test_dropped_assignments_are_left_out():
@@ -73,7 +75,7 @@ def test_dropped_assignments_are_left_out():
     idx = torch.stack([torch.randperm(8)[:2] for _ in range(20)])
     w = torch.rand(20, 2)
     kept = torch.rand(20, 2) > 0.3
-    assert (experts(x, idx, w, kept) - experts.reference(x, idx, w * kept)).abs().max() < 1e-5
+    assert_close(experts(x, idx, w, kept), experts.reference(x, idx, w * kept), 2**5)
 
 
 def test_grouped_mm_loop_against_dense():
@@ -81,7 +83,7 @@ def test_grouped_mm_loop_against_dense():
     w = torch.randn(3, 5, 8)
     counts = torch.tensor([4, 0, 7])
     want = torch.cat([x[:4] @ w[0].t(), x[4:] @ w[2].t()])
-    assert torch.allclose(grouped_mm(x, w, counts), want, atol=1e-5)
+    assert_close(grouped_mm(x, w, counts), want, 2**4)  # 8-term dot products, blocked differently
 
 
 def test_group_limited_gate_stays_inside_chosen_groups():
@@ -94,7 +96,7 @@ def test_group_limited_gate_stays_inside_chosen_groups():
     chosen_groups = out.topk_idx // 4
     assert all(set(c.tolist()) <= set(g.tolist()) for c, g in zip(chosen_groups, groups))
     picked = out.scores.gather(1, out.topk_idx)
-    assert torch.allclose(out.topk_weight, picked * config.routed_scaling_factor)
+    assert_close(out.topk_weight, picked * config.routed_scaling_factor, 2)
 
 
 def test_norm_topk_prob_renormalizes_without_scaling():
@@ -102,7 +104,7 @@ def test_norm_topk_prob_renormalizes_without_scaling():
     gate = Gate(config)
     gate.weight.data.normal_(0, 1)
     out = gate(torch.randn(50, config.hidden_size))
-    assert torch.allclose(out.topk_weight.sum(-1), torch.ones(50))
+    assert_close(out.topk_weight.sum(-1), torch.ones(50), 2**3)
 
 
 def test_router_outputs_for_aux_losses():
@@ -114,7 +116,7 @@ def test_router_outputs_for_aux_losses():
     assert len(out.router) == n_moe == 2
     r = out.router[0]
     assert r.scores.shape == (20, config.n_routed_experts) and r.scores.dtype == torch.float32
-    assert torch.allclose(r.scores.sum(-1), torch.ones(20))
+    assert_close(r.scores.sum(-1), torch.ones(20), 2**4)  # a softmax over 16 experts
     assert r.topk_idx.shape == (20, config.num_experts_per_tok)
     assert torch.equal(out.logits, model(tokens))
 
@@ -143,11 +145,14 @@ def test_bf16_forward_close_to_fp32():
     with torch.no_grad():
         ref = model(tokens)
         low = model.to(torch.bfloat16)(tokens).float()
-    assert ((low - ref).norm() / ref.norm()) < 3e-2
+    # bf16 rounds weights and activations to 2^-8 each; through the layers that compounds to 0.9-3.3%
+    # of the logits over seeds and CPU kernel levels (the scalar `default` level rounds its bf16
+    # GEMMs differently from AVX2/AVX-512): 8 ulps of bf16 (6.25%) bounds that, and a gross error
+    # (a wrong cast or scale) is of the logits' own size
+    assert ((low - ref).norm() / ref.norm()) < 8 * tol(torch.bfloat16, 1)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_grouped_mm_cuda_bf16_against_loop():
     torch.manual_seed(0)
     x = torch.randn(1000, 256, device="cuda", dtype=torch.bfloat16)
@@ -158,11 +163,10 @@ def test_grouped_mm_cuda_bf16_against_loop():
     got = grouped_mm(x, w, counts)
     ref = torch.cat([x[a:b].double() @ w[e].double().t() for e, (a, b) in
                      enumerate(zip([0] + counts.cumsum(0)[:-1].tolist(), counts.cumsum(0).tolist()))])
-    assert ((got.double() - ref).norm() / ref.norm()) < 1e-2
+    assert ((got.double() - ref).norm() / ref.norm()) < tol(torch.bfloat16, 1)  # the output's bf16 rounding
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gate_logits_cuda_bf16_are_the_fp32_product():
     """bf16 inputs, fp32 output: within fp32 rounding of the float64 product (bf16 rounding of the
     output would be off by up to 4e-3 of the largest logit), with and without gradients."""
@@ -175,11 +179,10 @@ def test_gate_logits_cuda_bf16_are_the_fp32_product():
     slow = gate_logits(x, w)  # with grad: the fp32 path, which autograd covers
     assert fast.dtype == slow.dtype == torch.float32 and slow.requires_grad
     for got in (fast, slow.detach()):
-        assert (got.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+        assert_close(got, ref, 2**10)  # fp32 accumulation over 2048 terms
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fp32_matches_cpu_fp32():
     model = random_model(tiny_config(hidden_size=128, moe_intermediate_size=64), std=0.1)
     tokens = torch.randint(0, 512, (2, 64))
@@ -188,12 +191,11 @@ def test_cuda_fp32_matches_cpu_fp32():
         ref = model(tokens)
         got = model.to("cuda")(tokens.cuda()).cpu()
         absorbed = model(tokens.cuda(), absorb=True).cpu()
-    assert (got - ref).abs().max() < 1e-4
-    assert (absorbed - ref).abs().max() < 1e-4
+    assert_close(got, ref, MODEL_ULPS)
+    assert_close(absorbed, ref, MODEL_ULPS)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_no_worse_than_transformers(tmp_path):
     """bf16 with random weights drifts a few % from fp32 for any implementation; ours (grouped
     GEMM experts, fused attention) must drift no more than transformers' does on the same weights."""
@@ -222,4 +224,5 @@ def test_activation_checkpointing_gives_the_same_gradients():
         out = model(tokens, return_router=True, checkpoint_layers=ckpt)
         (out.logits.logsumexp(-1).mean() + sum(r.scores.pow(2).mean() for r in out.router)).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    for n in grads[0]:  # the recomputed forward is the same ops; the backward sums in another order
+        assert_close(grads[1][n], grads[0][n], 2**4)
