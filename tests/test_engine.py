@@ -322,3 +322,37 @@ def test_compiled_blocks_are_one_program_for_every_layer():
     assert tokens(compiled=True) == tokens(compiled=False)
     # a fresh prefill of one row, then decodes of one row
     assert len(_debug_get_cache_entry_list(runner_module._block_stream.__code__)) == 2
+
+
+def test_a_failing_step_names_its_requests_and_the_rest_go_on(model_dir, monkeypatch):
+    """A step that raises while running (out of memory, say) raises StepError naming the requests
+    it carried; once they are aborted, the ones that were waiting run as if nothing happened."""
+    from dsv2.engine.engine import StepError
+
+    path, model, tok = model_dir
+    engine = LLMEngine(model, tok, EngineConfig(block_size=8, num_blocks=64, max_model_len=256, max_num_seqs=2,
+                                                max_num_batched_tokens=256))
+    run = engine.runner.run
+
+    def faulty(items, *args, **kw):
+        if any(7 in seq.prompt_token_ids for seq, _ in items):
+            raise torch.OutOfMemoryError("injected")
+        return run(items, *args, **kw)
+
+    monkeypatch.setattr(engine.runner, "run", faulty)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = {"bad": [5, 7, 9], "also-running": [5, 6, 8], "waiting": [11, 12, 13, 14]}
+    for rid, p in prompts.items():
+        engine.add_request(rid, p, params)
+    with pytest.raises(StepError) as e:
+        engine.step()  # max_num_seqs=2: the first two run together, the third waits
+    assert e.value.request_ids == ["also-running", "bad"] and isinstance(e.value.cause, torch.OutOfMemoryError)
+    for rid in e.value.request_ids:
+        engine.abort_request(rid)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert list(done) == ["waiting"] and engine.blocks.all_free()
+    assert_greedy(model, prompts["waiting"], done["waiting"])

@@ -49,6 +49,16 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
+class StepError(RuntimeError):
+    """A scheduled step failed while running (out of memory in the model, say). The requests it
+    carried, and those of the step still in flight, cannot go on: `request_ids` names them for the
+    caller to abort; every other request is intact and the engine can keep stepping."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"an engine step failed ({type(cause).__name__}: {cause})")
+        self.request_ids, self.cause = request_ids, cause
+
+
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 256
@@ -168,8 +178,19 @@ class LLMEngine:
         With async scheduling a step launches its batch and, while the GPU runs it, reads back and
         processes the previous step's tokens: outputs come one step late, and a decode row whose
         input is the token still in flight takes it on the device. A batch that reads token
-        history on the host (penalties) or asks for top or prompt logprobs runs synchronously."""
+        history on the host (penalties) or asks for top or prompt logprobs runs synchronously.
+        A failure while running the batch raises StepError naming the requests it leaves broken."""
         batch = self.scheduler.schedule()
+        prior = self._inflight
+        try:
+            return self._step(batch)
+        except Exception as e:
+            self._inflight = None
+            failed = {seq.request_id for seq, _ in batch.items}
+            failed |= {seq.request_id for seq in prior.seqs} if prior is not None else set()
+            raise StepError(sorted(failed & self.requests.keys()), e) from e
+
+    def _step(self, batch) -> list[RequestOutput]:
         sync = not self.cfg.async_scheduling or any(
             seq.params.has_penalties or seq.params.logprobs is not None or seq.needs_prompt_logprobs
             for seq, _ in batch.items)
