@@ -120,6 +120,32 @@ class Tokenizer:
             ids.insert(0, self.bos_token_id)
         return ids
 
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
+        """`encode` of each text, with the GIL released while the Rust tokenizer works (plain
+        `encode` holds it): a server tokenizing in a worker thread leaves its event loop running."""
+        batch = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        if add_bos:
+            if self.bos_token_id is None:
+                raise ValueError("add_bos=True but the tokenizer has no bos_token")
+            for ids in batch:
+                ids.insert(0, self.bos_token_id)
+        return batch
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes that one token decodes to (a byte-level piece of a character counts
+        as its replacement character's 3)."""
+        pieces = self.backend.decode_batch([[i] for i in range(self.vocab_size)], skip_special_tokens=False)
+        return max(len(p.encode()) for p in pieces)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) found without tokenizing: each token stands for at most
+        max_token_bytes of the text, once a normalizer (if any) has shrunk it, by at most 4x (NFKC's
+        most: a 3-byte fullwidth letter to 1 byte). A server refuses a prompt that cannot fit the
+        context by this before paying for its tokenization."""
+        per_token = self.max_token_bytes * (1 if self.backend.normalizer is None else 4)
+        return -(-len(text.encode()) // per_token)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

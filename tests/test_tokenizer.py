@@ -87,6 +87,27 @@ def test_round_trip_unseen_text(tok):
     assert tok.decode(ids, skip_special_tokens=True) == UNSEEN
 
 
+def test_encode_batch_is_encode_of_each(tok):
+    texts = corpus()[:20] + [UNSEEN, "", " ", BOS_TOKEN + " literal special token"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.encode_batch(texts, add_bos=True) == [tok.encode(t, add_bos=True) for t in texts]
+
+
+def test_min_tokens_is_a_lower_bound(tok):
+    """The server's pre-check refuses a prompt whose min_tokens exceeds the context, so it must
+    never exceed the real count, whatever the text (multi-byte characters, special tokens, the
+    longest tokens back to back)."""
+    rng = random.Random(1)
+    vocab = [tok.decode([i]) for i in range(tok.vocab_size)]
+    longest = max(vocab, key=lambda p: len(p.encode()))
+    assert tok.max_token_bytes == len(longest.encode())
+    texts = corpus() + [UNSEEN, longest * 50, BOS_TOKEN * 7, "😀" * 300, ""]
+    texts += ["".join(rng.choice(vocab) for _ in range(rng.randrange(1, 400))) for _ in range(200)]
+    for text in texts:
+        assert tok.min_tokens(text) <= len(tok.encode(text)), text[:80]
+    assert tok.min_tokens(longest * 50) >= 50  # and tight where every token is a longest one
+
+
 def test_training_is_deterministic(tok, tmp_path):
     again = train_bpe(iter(corpus()), vocab_size=500)
     tok.save(tmp_path / "a")
