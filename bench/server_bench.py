@@ -377,32 +377,46 @@ def shape_model_dir(name: str, directory: Path) -> Path:
     return directory
 
 
-@contextlib.contextmanager
-def serving(serve_args: list[str], log_path: Path, timeout_s: float) -> Iterator[str]:
-    """`python -m dsv2 serve` on a free local port until the block ends; yields its URL once /health
-    answers. Its output goes to log_path (a pipe nobody reads could fill and stall it)."""
+def start_server(serve_args: list[str], log_path: Path, timeout_s: float,
+                 launcher: list[str] | None = None) -> tuple[str, subprocess.Popen]:
+    """`python -m dsv2 serve` (or `launcher` + `serve`, e.g. a prelude through python -c) on a free
+    local port; (its URL, its process) once /health answers. Its output goes to log_path (a pipe
+    nobody reads could fill and stall it)."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "dsv2", "serve", "--host", "127.0.0.1", "--port", str(port), *serve_args]
-    log(f"starting: {shlex.join(cmd[1:])}")
+    cmd = [*(launcher or [sys.executable, "-m", "dsv2"]), "serve", "--host", "127.0.0.1", "--port", str(port),
+           *serve_args]
+    log(f"starting: {shlex.join(cmd[1:])[:200]}")
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            raise RuntimeError(f"dsv2 serve did not come up (exit {proc.poll()}):\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    log(f"serving at {url}")
+    return url, proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
     try:
-        deadline = time.monotonic() + timeout_s
-        while not _healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"dsv2 serve did not come up (exit {proc.poll()}):\n"
-                                   f"{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        log(f"serving at {url}")
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def serving(serve_args: list[str], log_path: Path, timeout_s: float) -> Iterator[str]:
+    """start_server until the block ends; yields its URL."""
+    url, proc = start_server(serve_args, log_path, timeout_s)
+    try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def _healthy(url: str) -> bool:

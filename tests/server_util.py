@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import httpx
 
+from bench.server_bench import stop_server
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,12 +41,14 @@ class ServerProcess(subprocess.Popen):
 
 
 @contextlib.contextmanager
-def running_server(*args: str, env: dict | None = None,
-                   timeout: float = 120.0) -> Iterator[tuple[str, ServerProcess]]:
-    """Start `python -m dsv2 serve --port P *args` (the bundled model unless --model is given) on
-    CPU and yield (base URL, process) once /health answers; stop it (SIGTERM) afterwards."""
+def running_server(*args: str, env: dict | None = None, timeout: float = 120.0,
+                   launcher: list[str] | None = None) -> Iterator[tuple[str, ServerProcess]]:
+    """Start `python -m dsv2 serve --port P *args` (the bundled model unless --model is given; with
+    `launcher` in place of `python -m dsv2`) on CPU and yield (base URL, process) once /health
+    answers; stop it (SIGTERM) afterwards."""
     port = free_port()
-    cmd = [sys.executable, "-m", "dsv2", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *args]
+    cmd = [*(launcher or [sys.executable, "-m", "dsv2"]), "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--device", "cpu", *args]
     proc = ServerProcess(cmd, {**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -62,10 +66,4 @@ def running_server(*args: str, env: dict | None = None,
             time.sleep(0.2)
         yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
-import signal
 
 BUNDLED_NAME = "dsv2-bundled"
 
@@ -36,6 +36,18 @@ def register(sub) -> None:
                    help="dummy: random weights of the model directory's config.json shape (benchmarks)")
     p.add_argument("--max-pending", type=int, default=1024,
                    help="requests in flight beyond which new ones get 429 with Retry-After")
+    p.add_argument("--max-request-bytes", type=int, default=None,
+                   help="larger request bodies get 413 before they are read (default: 64 bytes a token of "
+                        "--max-model-len, at least 1 MiB)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request may take to send its body (then 408)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to start a request, from connecting or from its "
+                        "previous response (then it is closed)")
+    p.add_argument("--max-connections", type=int, default=4096,
+                   help="open connections beyond which new ones get 503 with Retry-After")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests may take to finish before they are cut")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level")
     p.set_defaults(func=serve)
 
@@ -46,9 +58,15 @@ def serve(args: argparse.Namespace) -> int:
     from ..cli import bundled_model_dir
     from ..engine.async_llm import AsyncLLM
     from .app import Server, create_app
+    from .lifecycle import ServeProcess
+    from .limits import Limits, default_max_request_bytes, guarded_http, raise_open_files_limit
 
     if args.max_pending < 1:
         raise ValueError(f"--max-pending must be at least 1, got {args.max_pending}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be at least 0, got {args.shutdown_timeout}")
+    if args.max_request_bytes is not None and args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
     engine = AsyncLLM(args.model or bundled_model_dir(), dtype=args.dtype, device=args.device,
                       max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                       max_num_batched_tokens=args.max_num_batched_tokens,
@@ -61,10 +79,23 @@ def serve(args: argparse.Namespace) -> int:
         print(f"dsv2 serve: warmed up in {w['seconds']:.1f} s (decode batches {w['batch_sizes']}, "
               f"a {w['long_prompt']}-token prompt)", flush=True)
     name = args.served_model_name or args.model or BUNDLED_NAME
-    server = Server(engine, name, args.api_key, args.max_pending)
+    limits = Limits(args.max_request_bytes or default_max_request_bytes(engine.engine.max_model_len),
+                    args.body_timeout, args.header_timeout, args.max_connections)
+    open_files = raise_open_files_limit(limits.max_connections + 256)
+    if open_files < limits.max_connections + 64:
+        print(f"dsv2 serve: warning: {open_files} open files allowed (ulimit -n), fewer than "
+              f"--max-connections {limits.max_connections} needs", flush=True)
+    server = Server(engine, name, args.api_key, args.max_pending, limits)
+    # uvicorn's own request parser, behind the connection cap and header deadline; its backstop for
+    # connections still open once the drain is over stays short: the drain already waited
+    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                            http=guarded_http(server.guard), timeout_graceful_shutdown=5)
+    process = ServeProcess(config, server, args.shutdown_timeout)
+    # Everything loaded so far lives as long as the server: out of the collector's sight, a full
+    # collection stays short (the first one otherwise stalled the event loop ~200 ms on a CPU
+    # machine, in the first burst of connections)
+    gc.collect()
+    gc.freeze()
     print(f"dsv2 serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
-    # uvicorn drains open connections on SIGINT/SIGTERM, then the app's lifespan stops the engine;
-    # it re-raises the signal it caught once done, which this handler turns into a clean exit (0)
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    process.run()
+    return process.exit_code

@@ -1,15 +1,21 @@
 """The OpenAI-compatible HTTP API over AsyncLLM, and the chat page.
 
-Every error leaves as OpenAI's JSON error body. A request is admitted (counted in flight) before it
-reaches the engine and refused with 429 when --max-pending are already in flight. Streams are
-Server-Sent Events ending in `data: [DONE]`; a client that goes away mid-request has its engine
-requests aborted (their cache pages freed) through the generators' cleanup.
+Every error leaves as OpenAI's JSON error body. The gate reads a request's body within its limits
+(limits.py) before any route sees it; the routes parse it, apply the chat template and tokenize in
+a worker thread, so that the event loop (every other request's tokens, /health) never waits on
+one large request. A prompt that cannot fit the context is refused before it is tokenized. A
+request is admitted (counted in flight) before it reaches the engine and refused with 429 when
+--max-pending are already in flight. Streams are Server-Sent Events ending in `data: [DONE]`; a
+client that goes away mid-request has its engine requests aborted (their cache pages freed)
+through the generators' cleanup. While the server drains (lifecycle.py) new requests get 503, and
+at the drain's deadline every request still running is cut with an error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
 import time
@@ -17,29 +23,51 @@ from collections.abc import AsyncIterator
 from importlib.resources import files
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..engine.async_llm import AsyncLLM
-from ..engine.engine import RequestOutput
+from ..engine.async_llm import AsyncLLM, EngineDeadError
+from ..engine.engine import RequestOutput, StepError
 from ..engine.params import SamplingParams
+from .limits import BodyRefused, ConnectionGuard, Limits, read_body, replay
 from .metrics import Metrics
 from .openai_format import ChoiceStream, TokenText, chat_logprobs, completion_logprobs, envelope, new_id, usage
-from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest
+from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest, parse
+
+SHUTTING_DOWN = ApiError(503, "The server is shutting down; retry on another instance.", type="server_shutdown",
+                         code="shutting_down", headers={"Retry-After": "1"})
 
 
 class Server:
     """State shared by the routes: the engine, the served name, admission and metrics."""
 
-    def __init__(self, engine: AsyncLLM, model_name: str, api_key: str | None = None, max_pending: int = 1024):
+    def __init__(self, engine: AsyncLLM, model_name: str, api_key: str | None = None, max_pending: int = 1024,
+                 limits: Limits | None = None):
         self.engine, self.model_name, self.api_key, self.max_pending = engine, model_name, api_key, max_pending
         self.max_model_len = engine.engine.max_model_len
         self.vocab_size = engine.engine.model.config.vocab_size
         self.token_text = TokenText(engine.tokenizer)
+        self.limits = limits or Limits()
+        self.guard = ConnectionGuard(self.limits)
         self.metrics = Metrics()
         self.in_flight = 0
         self.created = int(time.time())
+        self.draining = False  # lifecycle.py: new requests get 503
+        self.cut_count = 0  # requests cut at the drain's deadline
+        self._runs: set[asyncio.Queue] = set()  # the output queue of every request running
+
+    def cut_all(self) -> int:
+        """End every running request with SHUTTING_DOWN (a stream's last event, or a 503); the
+        number cut. Their engine requests are aborted as their handlers unwind."""
+        for q in self._runs:
+            q.put_nowait((None, SHUTTING_DOWN))
+        return len(self._runs)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.draining and self.engine.dead is None
 
     # --- checks ---------------------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -54,6 +82,14 @@ class Server:
         if model != self.model_name:
             raise ApiError(400, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
                            param="model", code="model_not_found")
+
+    def fits(self, text: str) -> None:
+        """Refuse a text that cannot fit the context, before paying to tokenize it."""
+        at_least = self.engine.tokenizer.min_tokens(text)
+        if at_least >= self.max_model_len:
+            raise ApiError(400, f"This model's maximum context length is {self.max_model_len} tokens; the prompt "
+                                f"has at least {at_least} ({len(text.encode())} bytes).", param="prompt",
+                           code="context_length_exceeded")
 
     def params(self, req: SamplingRequest, ids: list[int], max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The request's SamplingParams for one prompt, after the context-length checks."""
@@ -111,7 +147,10 @@ class Server:
             except Exception as e:  # noqa: BLE001 -- handed to the consumer
                 q.put_nowait((i, e))
 
+        if self.draining:
+            raise SHUTTING_DOWN
         tasks = [asyncio.create_task(pump(i, *job)) for i, job in enumerate(jobs)]
+        self._runs.add(q)
         last = [None] * len(jobs)
         remaining, finished_cleanly = len(jobs), False
         self.metrics.prompt_tokens += sum(len(ids) * params.n for ids, _, params in jobs)
@@ -119,7 +158,7 @@ class Server:
             while remaining:
                 i, out = await q.get()
                 if isinstance(out, Exception):
-                    raise ApiError(400, str(out)) if isinstance(out, ValueError) else out
+                    raise _api_error(out)
                 now = time.perf_counter()
                 if last[i] is None:
                     self.metrics.ttft.observe(now - arrival)
@@ -133,11 +172,28 @@ class Server:
             finished_cleanly = True
             self.metrics.e2e.observe(time.perf_counter() - arrival)
         finally:
+            self._runs.discard(q)
             if not finished_cleanly:
                 self.metrics.aborted += 1
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _api_error(e: Exception) -> Exception:
+    """What the engine's failures mean to the client."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    if isinstance(e, EngineDeadError):
+        return ApiError(500, f"{e}; the server is exiting, to be restarted.", type="server_error", code="engine_dead")
+    if isinstance(e, StepError):
+        return ApiError(500, f"{e}; this request is lost, others go on.", type="server_error",
+                        code="engine_step_failed")
+    if isinstance(e, RuntimeError) and "shut down" in str(e):
+        return SHUTTING_DOWN
+    return e
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -200,38 +256,60 @@ async def _event_stream(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
 
 
 class _Gate:
-    """The API key check and the request counts of /v1/*, as plain ASGI (streams pass untouched)."""
+    """Before any route, as plain ASGI (streams pass untouched): the connection's request deadline
+    off and on again (limits.ConnectionGuard), 503 while draining, the API key, the body read
+    within its size and time limits, and the request counts of /v1/*."""
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        server, client = self.server, scope.get("client")
+        server.guard.request_started(client)
+        api = scope["path"].startswith("/v1/")
         status = 500
 
-        async def send_status(message) -> None:
+        async def tracked(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                server.guard.response_done(client)
 
         try:
             try:
-                self.server.check_key(Request(scope))
+                if api and server.draining:
+                    raise SHUTTING_DOWN
+                if api:
+                    server.check_key(Request(scope))
             except ApiError as e:
-                return await JSONResponse(e.body(), status_code=e.status)(scope, receive, send_status)
-            await self.app(scope, receive, send_status)
+                headers = {**(e.headers or {}), **({"Connection": "close"} if e.status == 503 else {})}
+                return await JSONResponse(e.body(), status_code=e.status, headers=headers)(scope, receive, tracked)
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                try:
+                    receive = replay(await read_body(scope, receive, tracked, server.limits), receive)
+                except BodyRefused as e:
+                    server.metrics.refused[e.reason] += 1
+                    status = e.status
+                    return
+            await self.app(scope, receive, tracked)
         finally:
-            self.server.metrics.requests[(scope["path"], status)] += 1
+            if api:
+                server.metrics.requests[(scope["path"], status)] += 1
 
 
 def create_app(server: Server) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        # uvicorn has drained the connections (in-flight requests finished) before this runs
+        # the drain (lifecycle.py) has ended or cut every request before this runs
         server.engine.shutdown()
+        blocks = server.engine.engine.blocks
+        print(f"dsv2 serve: stopped; {server.cut_count} requests cut at the deadline; KV cache: "
+              f"{blocks.num_free_blocks} of {blocks.num_blocks} blocks free", flush=True)
 
     app = FastAPI(title="dsv2", description="OpenAI-compatible API of a DeepSeek-V2 model", lifespan=lifespan)
     app.state.server = server
@@ -250,23 +328,8 @@ def create_app(server: Server) -> FastAPI:
     async def internal_error(request: Request, e: Exception):  # a bug, an engine failure: OpenAI's shape too
         return JSONResponse(ApiError(500, f"internal error: {e}", type="server_error").body(), status_code=500)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
-        errors = e.errors()
-        if any(err.get("type") == "json_invalid" for err in errors):
-            err = errors[0]
-            detail = (err.get("ctx") or {}).get("error", "")
-            return JSONResponse(ApiError(400, f"The body is not valid JSON: {detail} (at character "
-                                              f"{err['loc'][-1]})").body(), status_code=400)
-
-        def where(err) -> str:  # the field's path without the leading "body"
-            return ".".join(str(x) for x in err.get("loc", ())[1:])
-
-        message = "; ".join(f"{where(err) or 'body'}: {err.get('msg')}" for err in errors[:5])
-        param = where(errors[0]) if errors else None
-        return JSONResponse(ApiError(400, message or "invalid request", param=param or None).body(), status_code=400)
-
     app.add_middleware(_Gate, server=server)
+    app.openapi = functools.partial(_openapi, app)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def chat_page():
@@ -274,11 +337,15 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if server.engine.dead is not None:
+            return JSONResponse({"status": "dead", "error": str(server.engine.dead)}, status_code=503)
+        if server.draining:
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Connection": "close"})
         return {"status": "ok"}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return PlainTextResponse(server.metrics.render(server.in_flight, server.engine.stats()),
+        return PlainTextResponse(server.metrics.render(server.in_flight, server.engine.stats(), server.guard),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -286,17 +353,9 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
                                             "owned_by": "dsv2", "max_model_len": server.max_model_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        server.check_model(req.model)
-        if req.suffix:
-            raise ApiError(400, "suffix is not supported", param="suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise ApiError(400, "best_of other than n is not supported", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
-        prompts = _completion_prompts(server, req.prompt)
-        jobs = [(ids, text, server.params(req, ids, req.max_tokens, req.logprobs)) for ids, text in prompts]
+    @app.post("/v1/completions", openapi_extra=_body(CompletionRequest))
+    async def completions(request: Request):
+        req, prompts, jobs = await run_in_threadpool(_prepare_completion, server, await request.body())
         rid, model, created = new_id("cmpl"), server.model_name, int(time.time())
         tokenizer = server.engine.tokenizer
 
@@ -334,19 +393,10 @@ def create_app(server: Server) -> FastAPI:
                    for c in out.outputs]
         return envelope(rid, "text_completion", model, choices, created, usage=_usage(answer))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
-        server.check_model(req.model)
-        if req.top_logprobs and not req.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            ids = server.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    @app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        req, jobs = await run_in_threadpool(_prepare_chat, server, await request.body())
         top_n = req.top_logprobs or 0
-        jobs = [(ids, None, server.params(req, ids, max_tokens, top_n if req.logprobs else None))]
         rid, model, created = new_id("chatcmpl"), server.model_name, int(time.time())
 
         def logprobs(c, start: int):
@@ -386,6 +436,22 @@ def _usage(final: list[RequestOutput]) -> dict:
                  sum(len(c.token_ids) for o in final for c in o.outputs))
 
 
+# --- off the event loop: parsing, templating, tokenizing (run_in_threadpool) ------------------------
+
+def _prepare_completion(server: Server, body: bytes):
+    """(request, [(ids, text)] per prompt, jobs) of a /v1/completions body."""
+    req = parse(CompletionRequest, body)
+    server.check_model(req.model)
+    if req.suffix:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise ApiError(400, "best_of other than n is not supported", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise ApiError(400, "echo with logprobs (prompt logprobs) is not supported", param="echo")
+    prompts = _completion_prompts(server, req.prompt)
+    return req, prompts, [(ids, text, server.params(req, ids, req.max_tokens, req.logprobs)) for ids, text in prompts]
+
+
 def _completion_prompts(server: Server, prompt) -> list[tuple[list[int], str | None]]:
     """(token ids, text) of each prompt: a string, strings, token ids, or lists of token ids."""
     tokenizer = server.engine.tokenizer
@@ -395,5 +461,48 @@ def _completion_prompts(server: Server, prompt) -> list[tuple[list[int], str | N
         prompt = [prompt]
     if not prompt:
         raise ApiError(400, "prompt is empty", param="prompt")
-    add_bos = tokenizer.bos_token_id is not None
-    return [(tokenizer.encode(p, add_bos=add_bos), p) if isinstance(p, str) else (list(p), None) for p in prompt]
+    texts = [p for p in prompt if isinstance(p, str)]
+    for text in texts:
+        server.fits(text)
+    encoded = iter(tokenizer.encode_batch(texts, add_bos=tokenizer.bos_token_id is not None))
+    return [(next(encoded), p) if isinstance(p, str) else (list(p), None) for p in prompt]
+
+
+def _prepare_chat(server: Server, body: bytes):
+    """(request, jobs) of a /v1/chat/completions body."""
+    req = parse(ChatCompletionRequest, body)
+    server.check_model(req.model)
+    if req.top_logprobs and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    tokenizer = server.engine.tokenizer
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    server.fits(text)
+    ids = tokenizer.encode_batch([text])[0]  # the template writes BOS itself
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return req, [(ids, None, server.params(req, ids, max_tokens, logprobs))]
+
+
+# --- the OpenAPI schema of bodies the routes parse themselves ------------------------------------------
+
+def _body(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema with the request models under components (the routes read raw bodies, so
+    FastAPI does not see them), for clients and for the fuzz tests that read it."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (CompletionRequest, ChatCompletionRequest):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -42,22 +42,31 @@ class Metrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.aborted = 0
+        self.refused: Counter[str] = Counter()  # requests refused before parsing, by reason (limits.py)
         self.ttft = Histogram("dsv2_time_to_first_token_seconds", "Time from request to its first token.",
                               _TTFT_BUCKETS)
         self.itl = Histogram("dsv2_inter_token_latency_seconds", "Time between a request's successive tokens.",
                              _ITL_BUCKETS)
         self.e2e = Histogram("dsv2_request_latency_seconds", "Time from request to its last token.", _E2E_BUCKETS)
 
-    def render(self, in_flight: int, engine: dict) -> str:
+    def render(self, in_flight: int, engine: dict, guard) -> str:
         lines = ["# HELP dsv2_requests_total Requests answered, by endpoint and HTTP status.",
                  "# TYPE dsv2_requests_total counter"]
         for (endpoint, status), n in sorted(self.requests.items()):
             lines.append(f'dsv2_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+        refused = {**self.refused, "connections": guard.refused, "header_timeout": guard.timed_out}
+        lines += ["# HELP dsv2_refused_total Requests and connections refused by the limits, by reason.",
+                  "# TYPE dsv2_refused_total counter"]
+        for reason in ("too_large", "body_timeout", "disconnected", "connections", "header_timeout"):
+            lines.append(f'dsv2_refused_total{{reason="{reason}"}} {refused.get(reason, 0)}')
         scalars = [
             ("dsv2_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", self.prompt_tokens),
             ("dsv2_generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
             ("dsv2_requests_aborted_total", "counter", "Requests aborted (client gone).", self.aborted),
             ("dsv2_requests_in_flight", "gauge", "Requests admitted and not yet answered.", in_flight),
+            ("dsv2_connections_open", "gauge", "HTTP connections open.", len(guard.open)),
+            ("dsv2_engine_step_errors_total", "counter", "Engine steps that failed (their requests with them).",
+             engine["step_errors"]),
             ("dsv2_num_requests_running", "gauge", "Sequences in the running batch.", engine["running"]),
             ("dsv2_num_requests_waiting", "gauge", "Sequences queued for the engine.", engine["waiting"]),
             ("dsv2_kv_cache_usage_ratio", "gauge", "Fraction of KV-cache blocks in use.", engine["cache_usage"]),
