@@ -15,7 +15,8 @@ git clone -q "$repo" "$work/dsv2" || exit 1
 cd "$work/dsv2"
 echo "clone of $(git log -1 --format='%h %s' | cut -c1-90)"
 echo "in $work; $("$python" --version)"
-"$python" -m venv "$work/venv" && "$work/venv/bin/python" -m pip install -q --upgrade pip || exit 1
+"$python" -m venv "$work/venv" && "$work/venv/bin/python" -m pip install -q --upgrade pip >"$work/pip.log" 2>&1 \
+    || { cat "$work/pip.log"; exit 1; }
 py="$work/venv/bin/python"
 
 status=0
