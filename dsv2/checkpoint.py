@@ -6,7 +6,9 @@ only then copies tensors in one at a time, so a checkpoint loads in about its ow
 one fails before any work with an error that names the tensor or file. Routed experts are stored
 per expert on disk (`mlp.experts.E.gate_proj.weight`) and stacked in memory, gate and up in one
 `gate_up_proj`; the packed `mlp.experts.gate_up_proj` / `down_proj` form some transformers versions
-write reads too (it is the in-memory layout).
+write reads too (it is the in-memory layout). FP8 checkpoints (config.json's quantization_config,
+model/fp8.py) load too: each quantized weight is checked against its weight_scale_inv and
+dequantized into the model's dtype as it is copied in.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .model import Transformer
+from .model import Transformer, fp8
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -92,7 +94,7 @@ def _targets(model: Transformer) -> dict[str, _Target]:
     return {hf: target for hf, target, _ in _entries(model)}
 
 
-def _files(path: Path) -> dict[str, list[str] | None]:
+def shard_files(path: Path) -> dict[str, list[str] | None]:
     """file name -> tensor names the index assigns to it (None: read them from the file)."""
     index = path / INDEX
     if index.is_file():
@@ -115,18 +117,18 @@ def _files(path: Path) -> dict[str, list[str] | None]:
     raise CheckpointError(f"{path}: no {SINGLE} and no {INDEX}")
 
 
-def _open(file: Path):
+def open_shard(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{file}: unreadable safetensors file (truncated or corrupt?): {e}") from None
 
 
-def _headers(path: Path, files: dict[str, list[str] | None]) -> dict[str, tuple[str, tuple[int, ...]]]:
+def shard_headers(path: Path, files: dict[str, list[str] | None]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """tensor name -> (file, shape), from the shard headers alone."""
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for fname, assigned in files.items():
-        with _open(path / fname) as f:
+        with open_shard(path / fname) as f:
             keys = set(f.keys())
             for key in keys:
                 if key in found:
@@ -144,21 +146,47 @@ def _few(names: list[str], n: int = 5) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+@dataclass(frozen=True)
+class _Copy:
+    """One tensor to copy in: from `file`, into `target`, dequantized with `scale` (a tensor name)
+    from `scale_file` when it is FP8."""
+
+    file: str
+    key: str
+    target: _Target
+    scale: str | None = None
+    scale_file: str | None = None
+
+
 def _plan(targets: dict[str, _Target], found: dict[str, tuple[str, tuple[int, ...]]],
-          config: ModelConfig) -> list[tuple[str, str, _Target]]:
-    """Match the files against the model: (file, tensor, target) for each copy to make; raises on
-    anything missing, extra or misshapen."""
-    plan: list[tuple[str, str, _Target]] = []
+          config: ModelConfig, quantized: bool = False) -> list[_Copy]:
+    """Match the files against the model: a _Copy for each tensor; raises on anything missing,
+    extra or misshapen (the scales of an FP8 checkpoint included)."""
+    plan: list[_Copy] = []
     covered: set[str] = set()
     unexpected, misshapen = [], []
+    scales = {k: found.pop(k) for k in list(found) if quantized and k.endswith(fp8.SCALE_SUFFIX)}
     for key, (fname, shape) in sorted(found.items()):
         m = _PACKED.match(key)
         if key in targets:
             t = targets[key]
             if shape != t.shape:
                 misshapen.append(f"{key}: file has {list(shape)}, config implies {list(t.shape)}")
-            plan.append((fname, key, t))
+            scale = key + fp8.SCALE_SUFFIX if quantized and fp8.is_quantized(key) else None
+            if scale is not None:
+                if scale not in scales:
+                    misshapen.append(f"{key}: FP8 weight without its {scale}")
+                    continue
+                scale_file, scale_shape = scales.pop(scale)
+                if scale_shape != fp8.scale_shape(t.shape):
+                    misshapen.append(f"{scale}: file has {list(scale_shape)}, a {list(t.shape)} weight in "
+                                     f"{fp8.BLOCK} x {fp8.BLOCK} blocks needs {list(fp8.scale_shape(t.shape))}")
+                plan.append(_Copy(fname, key, t, scale, scale_file))
+            else:
+                plan.append(_Copy(fname, key, t))
             covered.add(key)
+        elif m and quantized:
+            unexpected.append(f"{key} (packed experts: an FP8 checkpoint stores them per expert)")
         elif m and config.is_moe_layer(int(m[1])):  # transformers' packing: our parameters' own layout
             layer, kind = m.groups()
             projs = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
@@ -167,11 +195,12 @@ def _plan(targets: dict[str, _Target], found: dict[str, tuple[str, tuple[int, ..
             if shape != want:
                 misshapen.append(f"{key}: file has {list(shape)}, config implies {list(want)}")
                 continue
-            plan.append((fname, key, _Target(f"layers.{layer}.mlp.experts.{kind}", want)))
+            plan.append(_Copy(fname, key, _Target(f"layers.{layer}.mlp.experts.{kind}", want)))
             covered.update(f"model.layers.{layer}.mlp.experts.{e}.{p}.weight"
                            for p in projs for e in range(config.n_routed_experts))
         else:
             unexpected.append(key)
+    unexpected += sorted(scales)  # scales of no quantized weight
     missing = sorted(set(targets) - covered)
     problems = []
     if missing:
@@ -195,31 +224,43 @@ def load_model(
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config = ModelConfig.from_hf(path)
+    quantized = fp8.check_config(config.extra.get("quantization_config")) is not None
     dtype = _dtype(dtype) or _dtype(config.torch_dtype) or torch.float32
-    files = _files(path)
-    found = _headers(path, files)
+    files = shard_files(path)
+    found = shard_headers(path, files)
     with torch.device("meta"):
         model = Transformer(config).to(dtype)
-    plan = _plan(_targets(model), found, config)
+    plan = _plan(_targets(model), found, config, quantized)
     model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.reset_parameters()
     params = dict(model.named_parameters())
-    by_file: dict[str, list[tuple[str, _Target]]] = {}
-    for fname, key, t in plan:
-        by_file.setdefault(fname, []).append((key, t))
+    by_file: dict[str, list[_Copy]] = {}
+    for c in plan:
+        by_file.setdefault(c.file, []).append(c)
     with torch.no_grad():
         for fname in sorted(by_file):
-            with _open(path / fname) as f:
-                for key, t in by_file[fname]:
-                    try:
-                        tensor = f.get_tensor(key)
-                    except (SafetensorError, OSError) as e:
-                        raise CheckpointError(f"{path / fname}: cannot read tensor {key!r}: {e}") from None
-                    t.view(params[t.param]).copy_(tensor)
+            with open_shard(path / fname) as f:
+                for c in by_file[fname]:
+                    tensor = read_tensor(f, path / fname, c.key)
+                    if c.scale is not None:
+                        if c.scale_file == fname:
+                            scale = read_tensor(f, path / fname, c.scale)
+                        else:
+                            with open_shard(path / c.scale_file) as g:
+                                scale = read_tensor(g, path / c.scale_file, c.scale)
+                        tensor = fp8.dequantize(tensor, scale, dtype)
+                    c.target.view(params[c.target.param]).copy_(tensor)
                     del tensor
     return model.eval()
+
+
+def read_tensor(f, file: Path, key: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot read tensor {key!r}: {e}") from None
 
 
 def random_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -253,8 +294,10 @@ def save_model(
     path: str | Path,
     max_shard_size: int | str = "5GB",
     dtype: str | torch.dtype | None = None,
+    quantization: str | None = None,
 ) -> None:
-    """Write config.json, generation_config.json and safetensors shards (+ index when sharded).
+    """Write config.json, generation_config.json and safetensors shards (+ index when sharded);
+    quantization="fp8" stores the weights model/fp8.py names in FP8 with their block scales.
 
     Every file is written under a temporary name and renamed into place, the index last, so a
     crash never leaves an index that points at a half-written shard.
@@ -262,13 +305,23 @@ def save_model(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = _dtype(dtype)
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"quantization {quantization!r}: expected None or 'fp8'")
     limit = _shard_bytes(max_shard_size)
     tensors = list(checkpoint_tensors(model))
     out_dtype = dtype or tensors[0][1].dtype
+
+    def stored(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if quantization == "fp8" and fp8.is_quantized(name):
+            q, scale = fp8.quantize(t.detach().cpu())
+            return [(name, q), (name + fp8.SCALE_SUFFIX, scale)]
+        # clone: expert slices share storage, which safetensors refuses to write
+        return [(name, t.detach().to("cpu", out_dtype).clone().contiguous())]
+
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
     for name, t in tensors:
-        nbytes = t.numel() * out_dtype.itemsize
+        nbytes = t.numel() * (1 if quantization == "fp8" and fp8.is_quantized(name) else out_dtype.itemsize)
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -276,19 +329,22 @@ def save_model(
         size += nbytes
     n = len(shards)
     names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map = {}
+    weight_map, total = {}, 0
     for fname, shard in zip(names, shards):
-        # clone: expert slices share storage, which safetensors refuses to write
-        data = {k: t.detach().to("cpu", out_dtype).clone().contiguous() for k, t in shard}
+        data = dict(item for name, t in shard for item in stored(name, t))
         _atomic(path / fname, lambda tmp, data=data: save_file(data, str(tmp), metadata={"format": "pt"}))
         weight_map.update({k: fname for k in data})
+        total += sum(t.numel() * t.element_size() for t in data.values())
         del data
     config = model.config.replace(torch_dtype=str(out_dtype).removeprefix("torch."))
+    extra = {k: v for k, v in config.extra.items() if k != "quantization_config"}
+    if quantization == "fp8":
+        extra["quantization_config"] = dict(fp8.QUANTIZATION_CONFIG)
+    config = config.replace(extra=extra)
     _atomic(path / "config.json", lambda tmp: config.save(tmp))
     gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
     _atomic(path / "generation_config.json", lambda tmp: tmp.write_text(json.dumps(gen, indent=2) + "\n"))
     if n > 1:
-        total = sum(t.numel() * out_dtype.itemsize for _, t in tensors)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         _atomic(path / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
     elif (path / INDEX).exists():
