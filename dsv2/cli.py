@@ -1,4 +1,4 @@
-"""The `dsv2` command: info, generate, chat, train, plot, data, sft, grpo, eval, serve."""
+"""The `dsv2` command: info, generate, chat, train, plot, data, sft, grpo, eval, quantize, serve."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _info(args) -> int:
     from .info import model_info
 
     config = preset(args.preset) if args.preset else ModelConfig.from_hf(args.model)
-    print(json.dumps(model_info(config), indent=2))
+    print(json.dumps(model_info(config, args.quantization, args.cache_tokens, args.kv_cache_dtype), indent=2))
     return 0
 
 
@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF-format model directory (or its config.json)")
     src.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--quantization", choices=("fp8",), default=None,
+                   help="count the weights as `dsv2 quantize` stores them (default: bf16)")
+    p.add_argument("--cache-tokens", type=int, default=None, metavar="N",
+                   help="KV-cache tokens to fit beside the weights (default: one max-length sequence)")
+    p.add_argument("--kv-cache-dtype", default="bfloat16", choices=("bfloat16", "fp8", "6bit"))
     p.set_defaults(func=_info)
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the tokens")
@@ -169,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .align.cli import register as register_align
     from .data.cli import register
     from .eval.cli import register as register_eval
+    from .quantize import register as register_quantize
     from .server import register as register_serve
 
     register(sub)
     register_align(sub, str(bundled_model_dir()))
     register_eval(sub)
+    register_quantize(sub)
     register_serve(sub)
     return parser
 

@@ -8,6 +8,8 @@ is a lookup, not a matmul. That is the convention under which DeepSeek-V2 has 21
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .config import ModelConfig
@@ -83,9 +85,50 @@ def kv_cache_vs_deepseek_67b(config: ModelConfig) -> dict[str, float]:
     }
 
 
-def model_info(config: ModelConfig) -> dict:
+GPU_GB = (80, 141)  # H100 / H200
+GPU_UTILIZATION = 0.9  # what --gpu-memory-utilization leaves the engine by default
+
+
+def weight_bytes(config: ModelConfig, quantization: str | None = None) -> dict:
+    """Bytes of the weights as a checkpoint stores them for serving: bf16, or with quantization="fp8"
+    1 byte for each weight model/fp8.py quantizes plus its fp32 128 x 128 block scales (the rest,
+    embeddings, lm_head, norms and the router, stay bf16)."""
+    from .checkpoint import checkpoint_tensors
+    from .model import fp8
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    quantized = kept = scales = 0
+    for name, t in checkpoint_tensors(model):
+        if quantization == "fp8" and fp8.is_quantized(name):
+            quantized += t.numel()
+            rows, cols = fp8.scale_shape(t.shape)
+            scales += rows * cols * 4
+        else:
+            kept += t.numel() * 2
+    total = quantized + kept + scales
+    return {"quantization": quantization or "bf16", "bytes": total, "gb": round(total / 1e9, 2),
+            "fp8_bytes": quantized, "scale_bytes": scales, "bf16_bytes": kept}
+
+
+def gpus_needed(config: ModelConfig, weights: int, cache_tokens: int, kv_cache_dtype: str = "bfloat16") -> dict:
+    """How many GPUs of each size hold the weights and `cache_tokens` tokens of KV cache at
+    GPU_UTILIZATION, split evenly (activations and each GPU's own workspace not counted)."""
+    from .engine.cache import cache_row_bytes
+
+    per_token = config.num_hidden_layers * cache_row_bytes(config, torch.bfloat16 if kv_cache_dtype == "bfloat16"
+                                                           else kv_cache_dtype)
+    need = weights + cache_tokens * per_token
+    return {"cache_tokens": cache_tokens, "kv_cache_dtype": kv_cache_dtype, "cache_bytes": cache_tokens * per_token,
+            "weights_and_cache_gb": round(need / 1e9, 2),
+            "gpus": {f"{gb}GB": max(1, math.ceil(need / (gb * 1e9 * GPU_UTILIZATION))) for gb in GPU_GB}}
+
+
+def model_info(config: ModelConfig, quantization: str | None = None, cache_tokens: int | None = None,
+               kv_cache_dtype: str = "bfloat16") -> dict:
     params = count_params(config)
     kv = kv_cache_per_token(config)
+    weights = weight_bytes(config, quantization)
     mla_only = {}
     if config.attention_type == "mla":
         mla_only = {
@@ -107,4 +150,7 @@ def model_info(config: ModelConfig) -> dict:
         "experts_per_token": config.num_experts_per_tok,
         "shared_experts": config.n_shared_experts,
         "max_position_embeddings": config.max_position_embeddings,
+        "weights": weights,
+        "memory": gpus_needed(config, weights["bytes"], config.max_position_embeddings if cache_tokens is None
+                              else cache_tokens, kv_cache_dtype),
     }
