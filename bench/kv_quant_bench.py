@@ -66,13 +66,18 @@ def logits_through_cache(model, tokens: torch.Tensor, kv_dtype, block_size: int 
     return model(tokens, pos, torch.ones_like(tokens, dtype=torch.bool), cache, slots)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def window_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a bench over validation windows of the bundled model."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--seq-len", type=int, default=512)  # the bundled model's training length
     ap.add_argument("--windows", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", type=str, default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = window_parser(__doc__).parse_args()
     torch.manual_seed(0)
     t0 = time.time()
     model = load_model(bundled_model_dir(), device="cpu", dtype="float32").eval()

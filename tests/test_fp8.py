@@ -1,0 +1,206 @@
+"""FP8 weights in DeepSeek-V3's block-scaled layout: the quantizer against float64, the checkpoint
+format both ways (save_model, load_model, `dsv2 quantize`), its errors, and what `dsv2 info` counts."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from dsv2.checkpoint import CheckpointError, checkpoint_tensors, load_model, save_model
+from dsv2.config import preset
+from dsv2.info import model_info
+from dsv2.model import fp8
+from dsv2.quantize import quantize_checkpoint
+
+from .conftest import random_model, tiny_config
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (300, 200), (257, 129), (1, 5), (512, 64)])
+def test_quantize_against_float64(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    # blocks of very different magnitudes, as real weights have
+    w = torch.randn(shape, generator=g, dtype=torch.float64) * torch.logspace(-3, 1, shape[1], dtype=torch.float64)
+    q, scale = fp8.quantize(w)
+    assert q.dtype == fp8.FP8 and q.shape == shape and scale.dtype == torch.float32
+    assert scale.shape == (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))
+    deq = fp8.dequantize(q, scale, torch.float64)
+    per_element = scale.double().repeat_interleave(128, 0)[: shape[0]].repeat_interleave(128, 1)[:, : shape[1]]
+    # e4m3 keeps 3 mantissa bits: half a step is 2^-4 of a normal value; below the smallest normal
+    # (2^-6 of the block's scale) the step is 2^-9 of it; the scale itself is rounded to fp32
+    bound = 2**-4 * w.abs() + 2**-10 * per_element + 2**-20 * w.abs()
+    assert ((deq - w).abs() <= bound).all()
+    blocks = fp8._blocks(w.abs())
+    torch.testing.assert_close(fp8._blocks(deq.abs()).amax(dim=(1, 3)), blocks.amax(dim=(1, 3)),
+                               rtol=2**-20, atol=0)  # each block's largest weight maps onto 448 exactly
+
+
+def test_zero_blocks_and_shape_errors():
+    w = torch.zeros(130, 260)
+    w[:128, :128] = 1.5
+    q, scale = fp8.quantize(w)
+    assert scale[0, 0] == 1.5 / 448 and (scale[1:] == 1).all() and (scale[0, 1:] == 1).all()
+    assert torch.equal(fp8.dequantize(q, scale), w)
+    with pytest.raises(fp8.QuantizationError, match=r"weight_scale_inv of shape \[2, 2\]"):
+        fp8.dequantize(q, scale[:, :2])
+    with pytest.raises(fp8.QuantizationError, match="2-D"):
+        fp8.quantize(torch.zeros(2, 3, 4))
+
+
+def test_the_released_tensor_list():
+    quantized = [f"model.layers.3.self_attn.{p}.weight" for p in
+                 ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
+    quantized += [f"model.layers.0.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+    quantized += ["model.layers.5.mlp.shared_experts.up_proj.weight", "model.layers.5.mlp.experts.159.down_proj.weight"]
+    kept = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight", "model.layers.1.mlp.gate.weight",
+            "model.layers.1.input_layernorm.weight", "model.layers.1.self_attn.kv_a_layernorm.weight",
+            "model.layers.1.self_attn.q_a_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"]
+    assert all(fp8.is_quantized(n) for n in quantized) and not any(fp8.is_quantized(n) for n in kept)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"quant_method": "awq"}, "quant_method 'awq' is not supported"),
+    ({"weight_block_size": [64, 64]}, r"weight_block_size \[64, 64\] is not supported"),
+    ({"fmt": "e5m2"}, "fmt 'e5m2' is not supported"),
+    ({"activation_scheme": "static"}, "activation_scheme 'static'"),
+])
+def test_unsupported_quantization_configs(change, message):
+    assert fp8.check_config(dict(fp8.QUANTIZATION_CONFIG)) == "fp8"
+    with pytest.raises(fp8.QuantizationError, match=message):
+        fp8.check_config({**fp8.QUANTIZATION_CONFIG, **change})
+
+
+@pytest.fixture(scope="module")
+def model():
+    # widths past one block (192, 320) so that blocks and padding both occur
+    return random_model(tiny_config(hidden_size=192, moe_intermediate_size=160, intermediate_size=320), seed=4)
+
+
+def test_save_and_load_fp8(model, tmp_path):
+    save_model(model, tmp_path, quantization="fp8", max_shard_size=200_000)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"] == fp8.QUANTIZATION_CONFIG
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    loaded = load_model(tmp_path)
+    originals = dict(checkpoint_tensors(model))
+    for name, t in checkpoint_tensors(loaded):
+        with safe_open(str(tmp_path / index[name]), "pt") as f:
+            stored = f.get_tensor(name)
+        if fp8.is_quantized(name):
+            assert stored.dtype == fp8.FP8 and name + fp8.SCALE_SUFFIX in index
+            # the loader's dequantization, the same ops as here: exact
+            assert torch.equal(t, fp8.dequantize(*fp8.quantize(originals[name]), t.dtype)), name
+        else:
+            assert stored.dtype == torch.float32 and torch.equal(t, originals[name]), name
+    assert sum(fp8.is_quantized(n) for n in index) > 0
+    save_model(loaded, tmp_path / "again")  # a loaded FP8 model saves unquantized, without the config entry
+    assert "quantization_config" not in json.loads((tmp_path / "again" / "config.json").read_text())
+
+
+def _edit(path, edit):
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def test_damaged_fp8_checkpoints_name_the_tensor(model, tmp_path):
+    save_model(model, tmp_path, quantization="fp8")
+    file = tmp_path / "model.safetensors"
+    good = file.read_bytes()
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    _edit(file, lambda t: t.pop(name + "_scale_inv"))
+    with pytest.raises(CheckpointError, match=f"{name}: FP8 weight without its {name}_scale_inv"):
+        load_model(tmp_path)
+    file.write_bytes(good)
+    _edit(file, lambda t: t.update({name + "_scale_inv": torch.ones(3, 3)}))
+    with pytest.raises(CheckpointError, match=rf"{name}_scale_inv: file has \[3, 3\]"):
+        load_model(tmp_path)
+    file.write_bytes(good)
+    _edit(file, lambda t: t.update({"model.norm.weight_scale_inv": torch.ones(1, 1)}))
+    with pytest.raises(CheckpointError, match=r"unexpected 1 tensor\(s\): model.norm.weight_scale_inv"):
+        load_model(tmp_path)
+    file.write_bytes(good)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = [1, 128]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(fp8.QuantizationError, match="weight_block_size"):
+        load_model(tmp_path)
+
+
+def test_quantize_command_converts_shard_by_shard(model, tmp_path, capsys):
+    from dsv2.cli import main
+
+    src = tmp_path / "bf16"
+    save_model(model, src, max_shard_size=150_000, dtype=torch.bfloat16)
+    (src / "tokenizer.json").write_text("{}")  # copied as it is
+    assert main(["quantize", str(src), str(tmp_path / "fp8"), "--no-progress"]) == 0
+    assert "tensors in FP8" in capsys.readouterr().out
+    out = tmp_path / "fp8"
+    assert (out / "tokenizer.json").read_text() == "{}" and (out / "generation_config.json").is_file()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in src.glob("*.safetensors"))
+    assert not list(tmp_path.glob(".fp8.partial-*"))
+    direct = tmp_path / "direct"
+    save_model(load_model(src), direct, quantization="fp8")
+    a, b = load_model(out), load_model(direct)
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(checkpoint_tensors(a), checkpoint_tensors(b)))
+    assert main(["quantize", str(src), str(out)]) == 1  # exists
+    assert main(["quantize", str(out), str(tmp_path / "twice")]) == 1  # already quantized
+    assert "already quantized" in capsys.readouterr().err
+
+
+def test_packed_experts_are_written_per_expert(model, tmp_path):
+    src = tmp_path / "packed"
+    save_model(model, src)
+    tensors = load_file(str(src / "model.safetensors"))
+    for layer in range(model.config.num_hidden_layers):
+        if not model.config.is_moe_layer(layer):
+            continue
+        prefix = f"model.layers.{layer}.mlp.experts"
+        e = model.config.n_routed_experts
+        gate = [tensors.pop(f"{prefix}.{i}.gate_proj.weight") for i in range(e)]
+        up = [tensors.pop(f"{prefix}.{i}.up_proj.weight") for i in range(e)]
+        down = [tensors.pop(f"{prefix}.{i}.down_proj.weight") for i in range(e)]
+        tensors[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up)])
+        tensors[f"{prefix}.down_proj"] = torch.stack(down)
+    save_file(tensors, str(src / "model.safetensors"))
+    quantize_checkpoint(src, tmp_path / "fp8", progress=False)
+    loaded = load_model(tmp_path / "fp8")
+    for name, t in checkpoint_tensors(loaded):
+        original = dict(checkpoint_tensors(model))[name]
+        want = fp8.dequantize(*fp8.quantize(original)) if fp8.is_quantized(name) else original
+        assert torch.equal(t, want), name
+
+
+def test_an_interrupted_conversion_leaves_nothing(model, tmp_path, monkeypatch):
+    import dsv2.quantize as q
+
+    src = tmp_path / "bf16"
+    save_model(model, src, max_shard_size=150_000)
+    calls = []
+
+    def failing_save(data, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        save_file(data, path, metadata=metadata)
+
+    monkeypatch.setattr(q, "save_file", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(src, tmp_path / "fp8", progress=False)
+    assert not (tmp_path / "fp8").exists() and not list(tmp_path.glob(".fp8.partial-*"))
+    shutil.rmtree(src)
+
+
+def test_info_counts_fp8_weights():
+    v2 = preset("deepseek-v2")
+    bf16, quantized = model_info(v2)["weights"], model_info(v2, "fp8")["weights"]
+    assert bf16["gb"] == pytest.approx(471.5, abs=0.1)  # 235.7B parameters x 2 bytes
+    assert quantized["fp8_bytes"] / 1e9 == pytest.approx(234.6, abs=0.1)  # ~236 GB in all with the bf16 parts
+    assert quantized["gb"] == pytest.approx(236.9, abs=0.1) and quantized["gb"] / bf16["gb"] < 0.51
+    memory = model_info(v2, "fp8", cache_tokens=0)["memory"]
+    assert memory["gpus"] == {"80GB": 4, "141GB": 2}  # 236.9 GB at 90% of each
+    assert model_info(v2, None, cache_tokens=0)["memory"]["gpus"] == {"80GB": 7, "141GB": 4}
