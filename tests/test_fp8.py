@@ -204,3 +204,26 @@ def test_info_counts_fp8_weights():
     memory = model_info(v2, "fp8", cache_tokens=0)["memory"]
     assert memory["gpus"] == {"80GB": 4, "141GB": 2}  # 236.9 GB at 90% of each
     assert model_info(v2, None, cache_tokens=0)["memory"]["gpus"] == {"80GB": 7, "141GB": 4}
+
+
+@pytest.mark.gpu
+def test_transformers_reads_a_dsv2_fp8_checkpoint(tmp_path):
+    """A checkpoint save_model writes in FP8 loads in transformers' fine-grained FP8 path, and its
+    greedy tokens are dsv2's greedy choices on the same checkpoint (transformers also quantizes the
+    activations, per token and 128 channels, so the logits differ by that rounding: a few percent)."""
+    transformers = pytest.importorskip("transformers")
+    from .numerics import assert_greedy
+
+    # input widths in whole blocks (transformers' FP8 GEMM tiles K by 128); outputs may end mid-block
+    config = tiny_config(hidden_size=256, q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=64,
+                         qk_nope_head_dim=64, v_head_dim=64, num_attention_heads=2, moe_intermediate_size=128,
+                         intermediate_size=256)
+    save_model(random_model(config, seed=8, std=0.2), tmp_path, dtype=torch.bfloat16, quantization="fp8")
+    hf = transformers.DeepseekV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device_map="cuda")
+    ours = load_model(tmp_path, device="cuda", dtype=torch.float32)
+    for seed in range(4):
+        prompt = torch.randint(2, config.vocab_size, (12,), generator=torch.Generator().manual_seed(seed)).tolist()
+        out = hf.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=16, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        # 2^-4 of the largest logit: e4m3's relative rounding of the activations it quantizes
+        assert_greedy(ours, prompt, out, ulps=2**-4 / torch.finfo(torch.float32).eps)
