@@ -34,6 +34,10 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped on an unexpected exception; nothing more can be served."""
 
 
+class EngineStoppedError(RuntimeError):
+    """The engine was shut down (AsyncLLM.shutdown) before or while this request ran."""
+
+
 class AsyncLLM:
     def __init__(self, model: str | Path, warmup: bool | None = None, **llm_kwargs):
         """warmup: run the engine through its step kinds before serving (LLMEngine.warmup);
@@ -107,7 +111,7 @@ class AsyncLLM:
             for rid in list(self.engine.requests):
                 self.engine.abort_request(rid)
             for rid in list(self._streams):
-                self._deliver(rid, RuntimeError("the engine is shut down"))
+                self._deliver(rid, EngineStoppedError("the engine is shut down"))
             return True
         return False
 
@@ -129,7 +133,7 @@ class AsyncLLM:
         # checked after registering: a death from now on reaches this stream through _run
         if self.dead is not None or self._stopped.is_set():
             self._streams.pop(rid, None)
-            raise self.dead or RuntimeError("the engine is shut down")
+            raise self.dead or EngineStoppedError("the engine is shut down")
         self._commands.put(("add", rid, ids, params or SamplingParams(), text))
         finished = False
         try:

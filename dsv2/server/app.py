@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from ..engine.async_llm import AsyncLLM, EngineDeadError
+from ..engine.async_llm import AsyncLLM, EngineDeadError, EngineStoppedError
 from ..engine.engine import RequestOutput, StepError
 from ..engine.params import SamplingParams
 from .limits import BodyRefused, ConnectionGuard, Limits, read_body, replay
@@ -36,8 +36,9 @@ from .metrics import Metrics
 from .openai_format import ChoiceStream, TokenText, chat_logprobs, completion_logprobs, envelope, new_id, usage
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest, parse
 
-SHUTTING_DOWN = ApiError(503, "The server is shutting down; retry on another instance.", type="server_shutdown",
-                         code="shutting_down", headers={"Retry-After": "1"})
+def shutting_down() -> ApiError:
+    return ApiError(503, "The server is shutting down; retry on another instance.", type="server_shutdown",
+                    code="shutting_down", headers={"Retry-After": "1"})
 
 
 class Server:
@@ -59,15 +60,11 @@ class Server:
         self._runs: set[asyncio.Queue] = set()  # the output queue of every request running
 
     def cut_all(self) -> int:
-        """End every running request with SHUTTING_DOWN (a stream's last event, or a 503); the
+        """End every running request with shutting_down() (a stream's last event, or a 503); the
         number cut. Their engine requests are aborted as their handlers unwind."""
         for q in self._runs:
-            q.put_nowait((None, SHUTTING_DOWN))
+            q.put_nowait((None, shutting_down()))
         return len(self._runs)
-
-    @property
-    def healthy(self) -> bool:
-        return not self.draining and self.engine.dead is None
 
     # --- checks ---------------------------------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -148,7 +145,7 @@ class Server:
                 q.put_nowait((i, e))
 
         if self.draining:
-            raise SHUTTING_DOWN
+            raise shutting_down()
         tasks = [asyncio.create_task(pump(i, *job)) for i, job in enumerate(jobs)]
         self._runs.add(q)
         last = [None] * len(jobs)
@@ -191,8 +188,8 @@ def _api_error(e: Exception) -> Exception:
     if isinstance(e, StepError):
         return ApiError(500, f"{e}; this request is lost, others go on.", type="server_error",
                         code="engine_step_failed")
-    if isinstance(e, RuntimeError) and "shut down" in str(e):
-        return SHUTTING_DOWN
+    if isinstance(e, EngineStoppedError):
+        return shutting_down()
     return e
 
 
@@ -282,7 +279,7 @@ class _Gate:
         try:
             try:
                 if api and server.draining:
-                    raise SHUTTING_DOWN
+                    raise shutting_down()
                 if api:
                     server.check_key(Request(scope))
             except ApiError as e:

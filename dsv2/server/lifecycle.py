@@ -13,15 +13,12 @@ server stops the same way, at once, and exits 1 so that a supervisor restarts it
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import time
 
 import uvicorn
 
 from ..engine.async_llm import EngineDeadError
-
-log = logging.getLogger(__name__)
 
 
 class ServeProcess(uvicorn.Server):

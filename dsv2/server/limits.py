@@ -51,7 +51,7 @@ class BodyRefused(Exception):
         self.status, self.reason, self.message = status, reason, message
 
 
-def _error_body(status: int, message: str, code: str) -> bytes:
+def _error_body(message: str, code: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
                                  "code": code}}).encode()
 
@@ -71,11 +71,9 @@ async def read_body(scope, receive, send, limits: Limits) -> bytes:
         try:
             message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            message = None
-        if message is None:
             slow = f"The request body did not arrive within {limits.body_timeout:g} s (--body-timeout)."
-            await _respond(send, 408, _error_body(408, slow, "request_timeout"))
-            raise BodyRefused(408, "body_timeout", slow)
+            await _respond(send, 408, _error_body(slow, "request_timeout"))
+            raise BodyRefused(408, "body_timeout", slow) from None
         if message["type"] == "http.disconnect":
             raise BodyRefused(499, "disconnected", "the client went away while sending its body")
         size += len(message.get("body", b""))
@@ -102,17 +100,17 @@ def replay(body: bytes, receive):
     return replayed
 
 
-async def _respond(send, status: int, body: bytes, more: bool = False, headers: tuple = ()) -> None:
+async def _respond(send, status: int, body: bytes, more: bool = False) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"), *headers]})
+                            (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body, "more_body": more})
 
 
 async def _refuse_then_drain(receive, send, status: int, message: str, code: str, deadline: float) -> None:
     """Answer now, then read and drop what the client still sends, until its body ends or the
     deadline passes; the response completes after that, and the connection closes."""
-    await _respond(send, status, _error_body(status, message, code), more=True)
+    await _respond(send, status, _error_body(message, code), more=True)
     try:
         while True:
             msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
@@ -170,7 +168,7 @@ class _Guarded(asyncio.Protocol):
         self.transport, guard = transport, self.guard
         if len(guard.open) >= guard.limits.max_connections:
             guard.refused += 1
-            body = _error_body(503, f"The server has {len(guard.open)} connections open (--max-connections); "
+            body = _error_body(f"The server has {len(guard.open)} connections open (--max-connections); "
                                     "retry shortly.", "server_busy")
             transport.write(_BUSY % (len(body), body))
             transport.close()

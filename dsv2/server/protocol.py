@@ -131,17 +131,17 @@ def parse(model: type[_Request], body: bytes) -> _Request:
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
-        raise validation_error(e.errors()) from None
+        raise _validation_error(e.errors()) from None
 
 
-def validation_error(errors: list[dict], prefix: tuple = ()) -> ApiError:
-    """The 400 for pydantic's errors (`prefix`: the leading parts of their locations to drop)."""
+def _validation_error(errors: list[dict]) -> ApiError:
+    """The 400 for pydantic's errors, naming the first field."""
     if any(err.get("type") == "json_invalid" for err in errors):
         detail = (errors[0].get("ctx") or {}).get("error", "")
         return ApiError(400, f"The body is not valid JSON: {detail}")
 
     def where(err) -> str:
-        return ".".join(str(x) for x in err.get("loc", ())[len(prefix):])
+        return ".".join(str(x) for x in err.get("loc", ()))
 
     message = "; ".join(f"{where(err) or 'body'}: {err.get('msg')}" for err in errors[:5])
     return ApiError(400, message or "invalid request", param=(where(errors[0]) if errors else None) or None)
