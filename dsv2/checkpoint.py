@@ -7,8 +7,10 @@ one fails before any work with an error that names the tensor or file. Routed ex
 per expert on disk (`mlp.experts.E.gate_proj.weight`) and stacked in memory, gate and up in one
 `gate_up_proj`; the packed `mlp.experts.gate_up_proj` / `down_proj` form some transformers versions
 write reads too (it is the in-memory layout). FP8 checkpoints (config.json's quantization_config,
-model/fp8.py) load too: each quantized weight is checked against its weight_scale_inv and
-dequantized into the model's dtype as it is copied in.
+model/fp8.py) load too: each quantized weight is checked against its weight_scale_inv, then
+copied in as it is where the model holds FP8 weights (model/fp8_layers.py) or dequantized into the
+model's dtype where it does not; a bf16 checkpoint loaded with quantization="fp8" is quantized a
+tensor at a time on the target device, so no full-precision copy of the model is ever held there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import Transformer, fp8
+from .model.fp8_layers import quantize_model_
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -52,6 +55,14 @@ class _Target:
         part = param if self.expert is None else param[self.expert]
         return part if self.rows is None else part[self.rows]
 
+    def scale_view(self, scale: torch.Tensor) -> torch.Tensor:
+        """The part of an FP8 parameter's block scales this tensor's are (gate's block rows, then up's)."""
+        part = scale if self.expert is None else scale[self.expert]
+        if self.rows is None:
+            return part
+        blocks = part.shape[0] // 2
+        return part[:blocks] if self.rows.start == 0 else part[blocks:]
+
 
 def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
@@ -66,8 +77,8 @@ def _entries(model: Transformer) -> Iterator[tuple[str, _Target, torch.Tensor]]:
     """(released name, where it lives in the model, tensor) for every tensor of a checkpoint."""
     tied = model.config.tie_word_embeddings
     for name, p in model.named_parameters(remove_duplicate=False):
-        if tied and name == "lm_head.weight":
-            continue
+        if (tied and name == "lm_head.weight") or name.endswith(fp8.SCALE_SUFFIX):
+            continue  # FP8 weights' scales travel with their weights
         m = _EXPERTS.match(name)
         if m:
             layer, kind = m.groups()
@@ -214,15 +225,25 @@ def _plan(targets: dict[str, _Target], found: dict[str, tuple[str, tuple[int, ..
     return plan
 
 
+QUANTIZATIONS = ("auto", "none", "fp8")
+
+
 def load_model(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
+    quantization: str | None = "auto",
 ) -> Transformer:
-    """Load an HF-format DeepSeek-V2 directory; dtype defaults to the checkpoint's torch_dtype."""
+    """Load an HF-format DeepSeek-V2 directory; dtype (of the activations and the unquantized
+    weights) defaults to the checkpoint's torch_dtype. quantization: "auto" holds the weights as
+    the checkpoint stores them (FP8 or not), "fp8" holds them in FP8 (quantizing a bf16 checkpoint
+    as it loads), "none" (or None) in `dtype` (dequantizing an FP8 one: training, references)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    quantization = quantization or "none"
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     config = ModelConfig.from_hf(path)
     quantized = fp8.check_config(config.extra.get("quantization_config")) is not None
     dtype = _dtype(dtype) or _dtype(config.torch_dtype) or torch.float32
@@ -230,6 +251,8 @@ def load_model(
     found = shard_headers(path, files)
     with torch.device("meta"):
         model = Transformer(config).to(dtype)
+        if quantization == "fp8" or (quantization == "auto" and quantized):
+            quantize_model_(model)
     plan = _plan(_targets(model), found, config, quantized)
     model.to_empty(device=device)
     if config.tie_word_embeddings:
@@ -244,16 +267,46 @@ def load_model(
             with open_shard(path / fname) as f:
                 for c in by_file[fname]:
                     tensor = read_tensor(f, path / fname, c.key)
+                    scale = None
                     if c.scale is not None:
                         if c.scale_file == fname:
                             scale = read_tensor(f, path / fname, c.scale)
                         else:
                             with open_shard(path / c.scale_file) as g:
                                 scale = read_tensor(g, path / c.scale_file, c.scale)
-                        tensor = fp8.dequantize(tensor, scale, dtype)
-                    c.target.view(params[c.target.param]).copy_(tensor)
+                    _place(c.target, tensor, scale, params)
                     del tensor
-    return model.eval()
+    model.eval()
+    if quantization == "fp8" or (quantization == "auto" and quantized):
+        quantize_model_(model)  # nothing left to convert; warns where FP8 runs as weight-only dequantization
+    return model
+
+
+def _place(target: _Target, tensor: torch.Tensor, scale: torch.Tensor | None, params: dict) -> None:
+    """Copy one checkpoint tensor (FP8 with `scale`, or not) into its parameter, converting between
+    FP8 and the model's dtype as the parameter needs."""
+    param = params[target.param]
+    if param.dtype != fp8.FP8:
+        if scale is not None:
+            tensor = fp8.dequantize(tensor, scale, param.dtype)
+        target.view(param).copy_(tensor)
+        return
+    param_scale = params[target.param + fp8.SCALE_SUFFIX]
+    if scale is not None:
+        target.view(param).copy_(tensor)
+        target.scale_view(param_scale).copy_(scale)
+        return
+    tensor = tensor.to(param.device)  # quantized where the model lives: one tensor at a time
+    if tensor.dim() == 3:  # packed experts: each expert's matrices (gate and up apart) on their own
+        half = tensor.shape[1] // 2 if target.param.endswith("gate_up_proj") else None
+        for e in range(tensor.shape[0]):
+            for rows in ([slice(0, half), slice(half, None)] if half else [None]):
+                part = _Target(target.param, (), expert=e, rows=rows)
+                _place(part, tensor[e] if rows is None else tensor[e, rows], None, params)
+        return
+    q, s = fp8.quantize(tensor)
+    target.view(param).copy_(q)
+    target.scale_view(param_scale).copy_(s)
 
 
 def read_tensor(f, file: Path, key: str) -> torch.Tensor:
@@ -264,9 +317,12 @@ def read_tensor(f, file: Path, key: str) -> torch.Tensor:
 
 
 def random_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-                 seed: int = 0) -> Transformer:
+                 seed: int = 0, quantization: str | None = None) -> Transformer:
     """A model of `config`'s shape with random weights (init_weights), built on the meta device and
-    materialized where it runs: benchmarks of the released shapes without their checkpoints."""
+    materialized where it runs: benchmarks of the released shapes without their checkpoints.
+    quantization="fp8" then holds its weights in FP8 (quantized a layer at a time)."""
+    if quantization not in (None, "none", "auto", "fp8"):
+        raise ValueError(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     dtype = _dtype(dtype) or _dtype(config.torch_dtype) or torch.float32
     torch.manual_seed(seed)
     with torch.device("meta"):
@@ -275,6 +331,8 @@ def random_model(config: ModelConfig, device: str | torch.device = "cpu", dtype:
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.init_weights()  # also recomputes the rotary buffer lost on the meta device
+    if quantization == "fp8":
+        quantize_model_(model)
     return model.eval()
 
 
@@ -308,10 +366,18 @@ def save_model(
     if quantization not in (None, "fp8"):
         raise ValueError(f"quantization {quantization!r}: expected None or 'fp8'")
     limit = _shard_bytes(max_shard_size)
-    tensors = list(checkpoint_tensors(model))
+    params = dict(model.named_parameters())
+    entries = {hf: (target, t) for hf, target, t in _entries(model)}
+    tensors = [(hf, t) for hf, (_, t) in entries.items()]
     out_dtype = dtype or tensors[0][1].dtype
 
     def stored(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if t.dtype == fp8.FP8:  # held in FP8: written as it is, or dequantized
+            target = entries[name][0]
+            scale = target.scale_view(params[target.param + fp8.SCALE_SUFFIX]).detach().cpu()
+            if quantization == "fp8":
+                return [(name, t.detach().cpu().clone().contiguous()), (name + fp8.SCALE_SUFFIX, scale.clone())]
+            return [(name, fp8.dequantize(t.detach().cpu(), scale, out_dtype))]
         if quantization == "fp8" and fp8.is_quantized(name):
             q, scale = fp8.quantize(t.detach().cpu())
             return [(name, q), (name + fp8.SCALE_SUFFIX, scale)]

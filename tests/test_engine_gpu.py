@@ -93,9 +93,9 @@ def _capturable_moe_engine(seed: int, **cfg) -> LLMEngine:
                                                 async_scheduling=False, **cfg))
 
 
-def test_cuda_graph_decode_matches_eager_bf16_moe():
-    # (its prefills run uncompiled: this test is about the decode graph)
-    engine = _capturable_moe_engine(6, max_num_batched_tokens=256, compile_prefill=False)
+def assert_decode_graph_matches_eager(engine: LLMEngine) -> None:
+    """Eleven sequences into their decode, then the same decode step twice over the same history
+    (the second run rewrites the same cache slots): captured and compiled, then eager."""
     for i in range(11):
         engine.add_request(f"r{i}", [3 + i, 7, 11 + i] * (1 + i), SamplingParams(temperature=0, max_tokens=30,
                                                                                ignore_eos=True))
@@ -103,7 +103,6 @@ def test_cuda_graph_decode_matches_eager_bf16_moe():
         engine.step()
     batch = engine.scheduler.schedule()
     assert all(n == 1 for _, n in batch.items) and len(batch.items) == 11
-    # the same step twice over the same history (the second run rewrites the same cache slots)
     graphed = engine.runner.run(batch.items)
     assert engine.runner.graphs
     engine.runner.use_graphs = False
@@ -113,6 +112,11 @@ def test_cuda_graph_decode_matches_eager_bf16_moe():
     # which drift by several percent over the layers (7% measured); a wrong row or slot gives ~50%
     assert rel < 0.15, rel
     assert (graphed.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.8
+
+
+def test_cuda_graph_decode_matches_eager_bf16_moe():
+    # (its prefills run uncompiled: this test is about the decode graph)
+    assert_decode_graph_matches_eager(_capturable_moe_engine(6, max_num_batched_tokens=256, compile_prefill=False))
 
 
 def test_cuda_graph_prefill_matches_eager_bf16_moe():

@@ -19,6 +19,7 @@ from dsv2.model import fp8
 from dsv2.quantize import quantize_checkpoint
 
 from .conftest import random_model, tiny_config
+from .numerics import assert_close
 
 
 @pytest.mark.parametrize("shape", [(128, 128), (300, 200), (257, 129), (1, 5), (512, 64)])
@@ -85,7 +86,7 @@ def test_save_and_load_fp8(model, tmp_path):
     save_model(model, tmp_path, quantization="fp8", max_shard_size=200_000)
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"] == fp8.QUANTIZATION_CONFIG
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
-    loaded = load_model(tmp_path)
+    loaded = load_model(tmp_path, quantization="none")
     originals = dict(checkpoint_tensors(model))
     for name, t in checkpoint_tensors(loaded):
         with safe_open(str(tmp_path / index[name]), "pt") as f:
@@ -97,8 +98,20 @@ def test_save_and_load_fp8(model, tmp_path):
         else:
             assert stored.dtype == torch.float32 and torch.equal(t, originals[name]), name
     assert sum(fp8.is_quantized(n) for n in index) > 0
-    save_model(loaded, tmp_path / "again")  # a loaded FP8 model saves unquantized, without the config entry
+    save_model(loaded, tmp_path / "again")  # a dequantized FP8 model saves unquantized, without the config entry
     assert "quantization_config" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    # by default an FP8 checkpoint stays FP8 in memory, and saves back to the same tensors
+    held = load_model(tmp_path)
+    assert held.layers[1].self_attn.o_proj.weight.dtype == fp8.FP8
+    assert held.layers[1].mlp.experts.quantized and held.layers[1].self_attn.kv_b_proj.weight.dtype == torch.float32
+    save_model(held, tmp_path / "held", quantization="fp8")
+    again = load_file(str(tmp_path / "held" / "model.safetensors"))
+    for name, fname in index.items():
+        with safe_open(str(tmp_path / fname), "pt") as f:
+            assert torch.equal(f.get_tensor(name).view(torch.uint8), again[name].view(torch.uint8)), name
+    save_model(held, tmp_path / "held_f32")  # FP8 held weights dequantized on the way out
+    assert all(torch.equal(t, u) for (_, t), (_, u) in zip(
+        checkpoint_tensors(load_model(tmp_path / "held_f32")), checkpoint_tensors(loaded)))
 
 
 def _edit(path, edit):
@@ -145,7 +158,7 @@ def test_quantize_command_converts_shard_by_shard(model, tmp_path, capsys):
     assert not list(tmp_path.glob(".fp8.partial-*"))
     direct = tmp_path / "direct"
     save_model(load_model(src), direct, quantization="fp8")
-    a, b = load_model(out), load_model(direct)
+    a, b = load_model(out, quantization="none"), load_model(direct, quantization="none")
     assert all(torch.equal(x, y) for (_, x), (_, y) in zip(checkpoint_tensors(a), checkpoint_tensors(b)))
     assert main(["quantize", str(src), str(out)]) == 1  # exists
     assert main(["quantize", str(out), str(tmp_path / "twice")]) == 1  # already quantized
@@ -168,7 +181,7 @@ def test_packed_experts_are_written_per_expert(model, tmp_path):
         tensors[f"{prefix}.down_proj"] = torch.stack(down)
     save_file(tensors, str(src / "model.safetensors"))
     quantize_checkpoint(src, tmp_path / "fp8", progress=False)
-    loaded = load_model(tmp_path / "fp8")
+    loaded = load_model(tmp_path / "fp8", quantization="none")
     for name, t in checkpoint_tensors(loaded):
         original = dict(checkpoint_tensors(model))[name]
         want = fp8.dequantize(*fp8.quantize(original)) if fp8.is_quantized(name) else original
@@ -227,3 +240,64 @@ def test_transformers_reads_a_dsv2_fp8_checkpoint(tmp_path):
                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         # 2^-4 of the largest logit: e4m3's relative rounding of the activations it quantizes
         assert_greedy(ours, prompt, out, ulps=2**-4 / torch.finfo(torch.float32).eps)
+
+
+# --- weights held in FP8 -----------------------------------------------------------------------------
+def test_held_fp8_model_is_the_dequantized_model_on_cpu(model, tmp_path):
+    """On CPU an FP8-held model dequantizes each weight per matmul: the same numbers as loading the
+    checkpoint dequantized, through another op sequence (the experts' grouped GEMM per expert, the
+    gate and up halves of a 160-wide intermediate blocked apart)."""
+    save_model(model, tmp_path, quantization="fp8")
+    held, plain = load_model(tmp_path), load_model(tmp_path, quantization="none")
+    assert held.layers[1].mlp.experts.quantized and not plain.layers[1].mlp.experts.quantized
+    held_bytes = sum(p.numel() * p.element_size() for p in held.parameters())
+    assert held_bytes < 0.5 * sum(p.numel() * p.element_size() for p in plain.parameters())
+    ids = torch.randint(2, model.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(held(ids), plain(ids), 2**6)  # fp32 sums of the same products, regrouped
+
+
+def test_bf16_checkpoint_quantized_as_it_loads(model, tmp_path):
+    """load_model(quantization="fp8") of a bf16 checkpoint holds the very bytes `dsv2 quantize` writes."""
+    save_model(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", progress=False)
+    a = load_model(tmp_path / "bf16", quantization="fp8")
+    b = load_model(tmp_path / "fp8")
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys() and any(p.dtype == fp8.FP8 for p in pa.values())
+    for name, p in pa.items():
+        if "kv_b_proj" in name:  # held in bf16: the original here, the checkpoint's FP8 dequantized there
+            assert p.dtype == pb[name].dtype == torch.bfloat16
+            continue
+        assert p.dtype == pb[name].dtype and torch.equal(p.view(torch.uint8), pb[name].view(torch.uint8)), name
+    with pytest.raises(ValueError, match="quantization 'int4'"):
+        load_model(tmp_path / "bf16", quantization="int4")
+
+
+def test_llm_serves_the_bundled_model_in_fp8_on_cpu():
+    from dsv2 import LLM, SamplingParams
+    from dsv2.cli import bundled_model_dir
+
+    from .numerics import assert_greedy
+
+    llm = LLM(bundled_model_dir(), quantization="fp8", max_model_len=256, num_blocks=32)
+    assert llm.model.layers[0].self_attn.o_proj.weight.dtype == fp8.FP8
+    out = llm.generate(["The quick brown fox"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    prompt = llm.encode("The quick brown fox")[0]
+    assert_greedy(llm.model, prompt, out[0].outputs[0].token_ids)  # the engine's tokens are the FP8 model's own
+    with pytest.raises(ValueError, match="quantization 'int8'"):
+        LLM(bundled_model_dir(), quantization="int8")
+
+
+@pytest.mark.parametrize("shape", [(3, 128), (5, 200), (2, 1408)])
+def test_activation_quantization_against_float64(shape):
+    from dsv2.model.kernels.fp8_gemm import act_quant_reference
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1]), dtype=torch.float64)
+    x = x * torch.logspace(-3, 2, shape[1], dtype=torch.float64)
+    q, s = act_quant_reference(x)
+    assert q.dtype == fp8.FP8 and s.shape == (shape[0], math.ceil(shape[1] / 128))
+    deq = q.double() * s.double().repeat_interleave(128, 1)[:, : shape[1]]
+    group_max = s.double().repeat_interleave(128, 1)[:, : shape[1]] * fp8.FP8_MAX
+    # 1 x 128 groups: the relative step of e4m3, below its normals 2^-9 of the group's scale
+    assert ((deq - x).abs() <= 2**-4 * x.abs() + 2**-9 * group_max / fp8.FP8_MAX + 2**-20 * x.abs()).all()

@@ -150,8 +150,9 @@ class GRPOTrainer:
         self.device, self.autocast = self.out.device, self.out.autocast
         self.tokenizer = Tokenizer.from_dir(cfg.model)
         self.reward = rewards.get(cfg.reward)
-        self.policy = load_model(self.out.weights(cfg.model), self.device, torch.float32).train()
-        self.reference = load_model(cfg.model, self.device, torch.float32).eval().requires_grad_(False)
+        self.policy = load_model(self.out.weights(cfg.model), self.device, torch.float32, quantization="none").train()
+        self.reference = load_model(cfg.model, self.device, torch.float32, quantization="none")
+        self.reference.eval().requires_grad_(False)
         self.prompts = read_prompts(cfg.prompts, self.tokenizer)
         self.eval_rows = read_prompts(cfg.eval_prompts, self.tokenizer)[: cfg.eval_limit] if cfg.eval_prompts else []
         longest = max(len(r["ids"]) for r in self.prompts + self.eval_rows)

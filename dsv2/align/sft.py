@@ -82,7 +82,8 @@ class SFTTrainer:
         self.out = Run(cfg.out, cfg.device, cfg.autocast, resume)
         self.device, self.autocast = self.out.device, self.out.autocast
         self.tokenizer = Tokenizer.from_dir(cfg.model)
-        self.model = load_model(self.out.weights(cfg.model), device=self.device, dtype=torch.float32).train()
+        self.model = load_model(self.out.weights(cfg.model), device=self.device, dtype=torch.float32,
+                                quantization="none").train()
         self.max_len = cfg.max_len or self.model.config.max_position_embeddings
         self.train_set, self.val_set = self._datasets()
         self.lr = cfg.lr or default_lr(self.model.config.hidden_size)

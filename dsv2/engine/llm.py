@@ -44,10 +44,13 @@ class LLM:
         async_scheduling: bool = True,
         load_format: str = "auto",
         compile: bool = True,
+        quantization: str | None = None,
     ):
         """load_format "dummy" (as vLLM's) gives random weights of the directory's config.json
         shape, for benchmarks of released shapes without their checkpoints. compile=False keeps
-        the CUDA graphs but skips torch.compile (no compile time at new step shapes)."""
+        the CUDA graphs but skips torch.compile (no compile time at new step shapes).
+        quantization="fp8" holds the weights in FP8 (docs/quantization.md), quantizing a bf16
+        checkpoint as it loads; None takes what the checkpoint stores (an FP8 checkpoint stays FP8)."""
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format {load_format!r}: expected 'auto' or 'dummy'")
         if kv_cache_dtype not in _KV_DTYPES:
@@ -56,10 +59,12 @@ class LLM:
         model_dtype = None if dtype == "auto" else dtype
         if model_dtype is None and device == "cpu":
             model_dtype = "float32"  # CPU matmuls in bf16 are slow and gain nothing here
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"quantization {quantization!r}: expected None or 'fp8'")
         if load_format == "dummy":
-            self.model = random_model(ModelConfig.from_hf(model), device, model_dtype)
+            self.model = random_model(ModelConfig.from_hf(model), device, model_dtype, quantization=quantization)
         else:
-            self.model = load_model(model, device=device, dtype=model_dtype)
+            self.model = load_model(model, device=device, dtype=model_dtype, quantization=quantization or "auto")
         self.tokenizer = Tokenizer.from_dir(model)
         cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                            max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..model import Transformer
+from ..model.kernels.fp8_gemm import fp8_supported
 from ..model.kernels.small_linear import batched_small_linear
 from ..model.moe import grouped_mm_supported
 from ..model.rope import RotaryEmbedding
@@ -438,8 +439,11 @@ def prefill_width(n: int) -> int:
 
 
 def _capturable(model: Transformer) -> bool:
-    """Graph capture needs a step without host syncs, which MoE layers have only on the grouped-GEMM path."""
+    """Graph capture needs a step without host syncs, which MoE layers have only on the grouped-GEMM
+    paths: CUTLASS's for bf16 experts, the FP8 Triton kernel's for FP8 ones."""
     c = model.config
     p = next(model.parameters())
-    return not any(layer.is_moe for layer in model.layers) or grouped_mm_supported(
-        p.device, p.dtype, c.hidden_size, c.moe_intermediate_size)
+    moe = [layer.mlp.experts for layer in model.layers if layer.is_moe]
+    if moe and moe[0].quantized:
+        return fp8_supported(p.device)
+    return not moe or grouped_mm_supported(p.device, p.dtype, c.hidden_size, c.moe_intermediate_size)

@@ -91,6 +91,16 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(q.shape[0] * BLOCK, -1)[:out, :in_].contiguous(), scale
 
 
+def dequantize_rows(q: torch.Tensor, scale_inv: torch.Tensor, split: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dequantize() for two matrices stacked by rows, each blocked on its own (gate_up_proj: the up
+    half's rows start at `split` and its block rows at ceil(split / 128))."""
+    if split is None or split % BLOCK == 0:
+        return dequantize(q, scale_inv, dtype)
+    nb = math.ceil(split / BLOCK)
+    return torch.cat([dequantize(q[:split], scale_inv[:nb], dtype), dequantize(q[split:], scale_inv[nb:], dtype)])
+
+
 def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(weight, weight_scale_inv) -> W [out, in] in `dtype`."""
     if q.dim() != 2 or tuple(scale_inv.shape) != scale_shape(q.shape):
@@ -98,4 +108,4 @@ def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = to
                                 f"shape {list(q.shape)} in {BLOCK} x {BLOCK} blocks (want {list(scale_shape(q.shape))})")
     w = _blocks(q.float()) * scale_inv.float()[:, None, :, None]
     out, in_ = q.shape
-    return w.view(w.shape[0] * BLOCK, -1)[:out, :in_].to(dtype)
+    return w.view(w.shape[0] * BLOCK, -1)[:out, :in_].to(dtype).contiguous()

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import fp8
+from .kernels.fp8_gemm import fp8_grouped_mm
 from .kernels.moe_gemm import fused_experts, moe_gemm_supported
 from .kernels.moe_route import MAX_ALIGN, moe_route
 from .kernels.small_linear import linears
@@ -167,7 +169,10 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
 class Experts(nn.Module):
     """N_r routed SwiGLU experts stored stacked, each expert's gate and up rows in one tensor
     (gate_up_proj [E, 2I, d]): a prefill runs both as one grouped GEMM of twice the width, which the
-    CUTLASS kernel tiles better (bench/RESULTS.md); gate_proj and up_proj are views of it."""
+    CUTLASS kernel tiles better (bench/RESULTS.md); gate_proj and up_proj are views of it.
+    `to_fp8_` holds them in FP8 with per-expert 128 x 128 block scales (gate_up_proj_scale_inv
+    [E, 2 ceil(I/128), ceil(d/128)]: the gate's block rows, then the up's, as the checkpoint blocks
+    them apart; down_proj_scale_inv [E, ceil(d/128), ceil(I/128)])."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
@@ -175,6 +180,7 @@ class Experts(nn.Module):
         self.inter_dim = inter_dim
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.gate_up_proj_scale_inv = self.down_proj_scale_inv = None
 
     @property
     def gate_proj(self) -> torch.Tensor:
@@ -183,6 +189,46 @@ class Experts(nn.Module):
     @property
     def up_proj(self) -> torch.Tensor:
         return self.gate_up_proj[:, self.inter_dim:]
+
+    @property
+    def quantized(self) -> bool:
+        return self.gate_up_proj.dtype == fp8.FP8
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """FP8 block scales of gate_proj, up_proj and down_proj, as views [E, ., .]."""
+        blocks = self.gate_up_proj_scale_inv.shape[1] // 2
+        s = self.gate_up_proj_scale_inv
+        return s[:, :blocks], s[:, blocks:], self.down_proj_scale_inv
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate_proj, up_proj, down_proj) in float32, whatever the storage."""
+        if not self.quantized:
+            return self.gate_proj.float(), self.up_proj.float(), self.down_proj.float()
+        sg, su, sd = self.scales()
+        return tuple(torch.stack([fp8.dequantize(w[e], s[e]) for e in range(self.n_experts)])
+                     for w, s in ((self.gate_proj, sg), (self.up_proj, su), (self.down_proj, sd)))
+
+    def to_fp8_(self) -> None:
+        """Hold the weights in FP8, each expert's gate, up and down quantized on its own (meta: shapes only)."""
+        if self.quantized:
+            return
+        for name, split in (("gate_up_proj", self.inter_dim), ("down_proj", None)):
+            w = getattr(self, name)
+            halves = [slice(0, split), slice(split, None)] if split else [slice(None)]
+            blocks = [fp8.scale_shape(w[0, h].shape) for h in halves]
+            q = torch.empty(w.shape, dtype=fp8.FP8, device=w.device)
+            scale = torch.empty(w.shape[0], sum(b[0] for b in blocks), blocks[0][1], dtype=torch.float32,
+                                device=w.device)
+            if not w.is_meta:
+                with torch.no_grad():
+                    for e in range(w.shape[0]):
+                        row = 0
+                        for h, b in zip(halves, blocks):
+                            q[e, h], scale[e, row:row + b[0]] = fp8.quantize(w[e, h])
+                            row += b[0]
+            setattr(self, name, nn.Parameter(q, requires_grad=False))
+            setattr(self, name + "_scale_inv", nn.Parameter(scale, requires_grad=False))
+            del w
 
     def forward(
         self,
@@ -217,6 +263,11 @@ class Experts(nn.Module):
         return order, torch.searchsorted(flat[order], experts).diff()
 
     def _ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if self.quantized:  # FP8 x FP8 on GPUs with FP8, the weights dequantized per expert elsewhere
+            split = None if self.inter_dim % fp8.BLOCK == 0 else self.inter_dim
+            gate_up = fp8_grouped_mm(xs, self.gate_up_proj, self.gate_up_proj_scale_inv, counts, split)
+            gate, up = gate_up.split(self.inter_dim, dim=-1)
+            return fp8_grouped_mm(F.silu(gate) * up, self.down_proj, self.down_proj_scale_inv, counts)
         gate, up = grouped_mm(xs, self.gate_up_proj, counts).split(self.inter_dim, dim=-1)
         return grouped_mm(F.silu(gate) * up, self.down_proj, counts)
 
@@ -234,10 +285,11 @@ class Experts(nn.Module):
     def reference(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
         """Obviously right and slow: every (token, chosen expert) pair on its own."""
         out = torch.zeros_like(x)
+        gate_proj, up_proj, down_proj = (w.to(x.dtype) for w in self.dequantized())
         for t in range(x.shape[0]):
             for e, g in zip(topk_idx[t].tolist(), topk_weight[t].tolist()):
-                h = F.silu(x[t] @ self.gate_proj[e].t()) * (x[t] @ self.up_proj[e].t())
-                out[t] += g * (h @ self.down_proj[e].t())
+                h = F.silu(x[t] @ gate_proj[e].t()) * (x[t] @ up_proj[e].t())
+                out[t] += g * (h @ down_proj[e].t())
         return out
 
 
@@ -262,8 +314,13 @@ class MoE(nn.Module):
         if fused:
             e, s = self.experts, self.shared_experts
             shared = None if s is None else (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+            scales = shared_scales = None
+            if e.quantized:
+                scales = e.scales()
+                shared_scales = None if s is None else (
+                    s.gate_proj.weight_scale_inv, s.up_proj.weight_scale_inv, s.down_proj.weight_scale_inv)
             y = fused_experts(flat, route.topk_idx, route.topk_weight, e.gate_proj, e.up_proj, e.down_proj, shared,
-                              None if residual is None else residual.reshape(flat.shape))
+                              None if residual is None else residual.reshape(flat.shape), scales, shared_scales)
             return y.view(shape), route
         if drop is not None and self.training:
             route.kept = capacity_mask(route, self.gate.n_experts, shape[0], drop)
@@ -283,10 +340,16 @@ class MoE(nn.Module):
 
     def _fused(self, flat: torch.Tensor) -> bool:
         e, s = self.experts, self.shared_experts
-        weights = [e.gate_proj, e.up_proj, e.down_proj] + ([] if s is None else [p for p in s.parameters()])
+        weights = [e.gate_proj, e.up_proj, e.down_proj] + (
+            [] if s is None else [s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight])
         k = self.gate.top_k
+        # FP8: the kernels read the shared experts' scales as per-expert views, whole blocks each
+        scaled = e.quantized and (s is None or (e.inter_dim % fp8.BLOCK == 0
+                                                and all(hasattr(m, "weight_scale_inv") for m in s.children())))
+        if e.quantized and not scaled:
+            return False
         return (
-            moe_gemm_supported(flat, *weights)
+            moe_gemm_supported(flat, *weights, scaled=scaled)
             and flat.shape[0] * k <= self.fused_max_rows_per_expert * e.n_experts
             and flat.shape[0] * (k + self.n_shared) <= MAX_ALIGN
             and not (torch.is_grad_enabled() and (flat.requires_grad or any(w.requires_grad for w in weights)))

@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-dtype", default="auto", help="auto, bfloat16, float16, float32, fp8 or 6bit")
+    p.add_argument("--quantization", choices=("fp8",), default=None,
+                   help="hold the weights in FP8 (a bf16 checkpoint is quantized as it loads; an FP8 "
+                        "checkpoint, from `dsv2 quantize`, is FP8 without this flag)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache pages (default: sized from memory)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no compilation")
     p.add_argument("--no-warmup", action="store_true",
@@ -72,7 +75,7 @@ def serve(args: argparse.Namespace) -> int:
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
                       num_blocks=args.num_blocks, enforce_eager=args.enforce_eager,
-                      load_format=args.load_format, compile=not args.no_compile,
+                      load_format=args.load_format, compile=not args.no_compile, quantization=args.quantization,
                       warmup=False if args.no_warmup else None)
     if engine.warmup_report is not None:
         w = engine.warmup_report

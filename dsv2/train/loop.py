@@ -72,7 +72,8 @@ class Trainer:
         if resume and start is None:
             print(f"dsv2: no valid checkpoint in {self.run_dir}; starting from scratch")
         if start is not None:
-            self.model = load_model(start / "model", device=self.device, dtype=torch.float32).train()
+            self.model = load_model(start / "model", device=self.device, dtype=torch.float32,
+                                    quantization="none").train()
         else:
             self.model = Transformer(build_model_config(cfg)).to(self.device)
             self.model.init_weights(cfg.init_std)

@@ -27,7 +27,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import pdl
+from .. import fp8
+from ..fp8 import FP8
+from . import fp8_gemm, pdl
+from .fp8_gemm import fp8_supported
 from .moe_route import moe_align
 
 try:
@@ -56,12 +59,14 @@ if triton is not None:
     @triton.jit
     def _moe_gemm_kernel(
         x_ptr, w_ptr, w_up_ptr, ws_ptr, ws_up_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, idx_ptr,
-        tickets_ptr, residual_ptr, sum_ptr,
+        tickets_ptr, residual_ptr, sum_ptr, q_ptr, q_up_ptr, qs_ptr, qs_up_ptr,
         N, K, n_routed, n_experts, x_group, top_k,
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+        stride_qe, stride_qn, stride_qk, stride_qse, stride_qsn, stride_qsk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DIRECT: tl.constexpr,
-        REDUCE: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr, USE_GDC: tl.constexpr,
+        REDUCE: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
+        USE_GDC: tl.constexpr,
     ):
         # Weights are [E, N, K] with K contiguous; experts past n_routed (the shared ones) come from
         # ws_ptr with their own strides. GATHER: sorted row p reads x[rows[p] // x_group].
@@ -74,6 +79,9 @@ if triton is not None:
         # REDUCE (with DIRECT and SCATTER): the last of a column tile's x_group programs to finish
         # (counted on tickets[pid_n], which it resets) sums the tile's parts in expert order, adds
         # the residual and writes sum[0, tile]: the same result on every run, and no launch for the sum
+        # SCALED: the weights are FP8 and q_ptr / q_up_ptr (qs_ptr / qs_up_ptr for the shared experts)
+        # their 128 x 128 block scales [E, N/128, K/128]; each K step (at most 128 deep, inside one
+        # block) multiplies its partial product column by column by its block's scale.
         j = tl.program_id(0)
         pid_n = tl.program_id(1)
         pdl.grid_wait(USE_GDC)  # which experts are busy is the previous kernels' output
@@ -98,10 +106,16 @@ if triton is not None:
             w_base = w_ptr + e.to(tl.int64) * stride_we
             u_base = w_up_ptr + e.to(tl.int64) * stride_we
             stride_n = stride_wn
+            q_base = q_ptr + e.to(tl.int64) * stride_qe
+            qu_base = q_up_ptr + e.to(tl.int64) * stride_qe
+            q_n, q_k = stride_qn, stride_qk
         else:
             w_base = ws_ptr + (e - n_routed).to(tl.int64) * stride_se
             u_base = ws_up_ptr + (e - n_routed).to(tl.int64) * stride_se
             stride_n = stride_sn
+            q_base = qs_ptr + (e - n_routed).to(tl.int64) * stride_qse
+            qu_base = qs_up_ptr + (e - n_routed).to(tl.int64) * stride_qse
+            q_n, q_k = stride_qsn, stride_qsk
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -128,10 +142,20 @@ if triton is not None:
                 xt = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                 w_mask = k_mask[:, None] & n_mask[None, :]
                 wt = tl.load(w_base + w_off + k0, mask=w_mask, other=0.0)
-                acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+                if SCALED:  # FP8 x FP8, x rounded per 128-group of each row as kernels/fp8_gemm.py does
+                    xq, xs = fp8_gemm.quant_groups(xt.to(tl.float32))
+                    q_off = (offs_n // 128) * q_n + (k0 // 128) * q_k
+                    qt = tl.load(q_base + q_off, mask=n_mask, other=0.0)
+                    acc += tl.dot(xq, wt) * (xs[:, None] * qt[None, :])
+                else:
+                    acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
                 if SWIGLU:  # the up projection's tile in the same pass over K: x is read once
                     ut = tl.load(u_base + w_off + k0, mask=w_mask, other=0.0)
-                    acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
+                    if SCALED:
+                        qt = tl.load(qu_base + q_off, mask=n_mask, other=0.0)
+                        acc_up += tl.dot(xq, ut) * (xs[:, None] * qt[None, :])
+                    else:
+                        acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
             if SWIGLU:
                 acc = acc * tl.sigmoid(acc) * acc_up
             if SCATTER:
@@ -155,12 +179,15 @@ if triton is not None:
                 tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
-def moe_gemm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+def moe_gemm_supported(x: torch.Tensor, *weights: torch.Tensor, scaled: bool = False) -> bool:
     """Whether the Triton kernel takes these operands: CUDA, bf16 or fp32 throughout, K and N
-    multiples of 16 (tl.dot's smallest tile) and K contiguous."""
+    multiples of 16 (tl.dot's smallest tile) and K contiguous. `scaled`: the weights are FP8 (with
+    128 x 128 block scales) on a GPU with FP8, x in bf16 or fp32."""
+    w_dtype = FP8 if scaled else x.dtype
     return (
         triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float32)
-        and all(w.dtype == x.dtype and w.shape[-2] % 16 == 0 and w.shape[-1] % 16 == 0 and w.stride(-1) == 1
+        and (not scaled or fp8_supported(x.device))
+        and all(w.dtype == w_dtype and w.shape[-2] % 16 == 0 and w.shape[-1] % 16 == 0 and w.stride(-1) == 1
                 for w in weights)
     )
 
@@ -189,13 +216,17 @@ def _sums_in_kernel(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
 
 
 def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scale=None, top_k=0, idx=None,
-            residual=None, total=None):
+            residual=None, total=None, w_scales=None, shared_scales=None):
     """out[M', N] <- the grouped GEMM of x's rows (sorted, or gathered through `rows`) by w [E, N, K]
     (and, past E, `shared` = (w, w_up) stacked as [S, N, K]-strided views). With `idx` (one token's
     topk_idx) instead of `rows` and `offsets`, its assignments are taken in place, unsorted; then
-    with `residual` [1, N] the down GEMM also writes total[0] = residual + the sum of its rows."""
+    with `residual` [1, N] the down GEMM also writes total[0] = residual + the sum of its rows.
+    `w_scales` (and `shared_scales`): (w's, w_up's) block scales [E, N/128, K/128] of FP8 weights."""
     n_routed, n, k = w.shape
     ws, ws_up = shared if shared is not None else (w, w_up)
+    q, q_up = w_scales if w_scales is not None else (out, None)
+    qs, qs_up = shared_scales if shared_scales is not None else (q, q_up)
+    q_up, qs_up = q if q_up is None else q_up, qs if qs_up is None else qs_up
     n_experts = n_routed + (ws.shape[0] if shared is not None else 0)
     if idx is not None:  # one token's assignments: its top-k routed experts, then every shared one
         top_k = idx.shape[1]
@@ -204,7 +235,7 @@ def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scal
         assert offsets.shape == (n_experts + 1,), "offsets [E + 1]"
     assert x.shape[1] == k and ws.shape[1:] == (n, k), "x [M, K], w [E, N, K]"
     assert w_up is None or w_up.shape == w.shape, "w_gate and w_up must have the same shape"
-    assert x.dtype == w.dtype == ws.dtype, "x and the weights must share a dtype"
+    assert w.dtype == ws.dtype and (x.dtype == w.dtype or w_scales is not None), "x and the weights must share a dtype"
     assert k % 16 == 0 and n % 16 == 0, f"moe_gemm needs K and N multiples of 16, got K={k}, N={n}"
     assert x.stride(1) == w.stride(2) == ws.stride(2) == out.stride(1) == 1, "K and N must be contiguous"
     direct = idx is not None
@@ -221,7 +252,9 @@ def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scal
     # program, 3 stages of the two SwiGLU tiles, which hides HBM latency; the biggest bf16 case
     # (down, BLOCK_M 64: 4 x 32 KB) fits the H100's 227 KB of shared memory.
     block_n = min(32 if w_up is not None else 64, triton.next_power_of_2(n))
-    block_k = min(256 // x.element_size(), triton.next_power_of_2(k))
+    # (FP8 weights: runs of 128 bytes, one block's depth, so a K step takes one scale per column and
+    # one activation group per row)
+    block_k = min(128 if w_scales is not None else 256 // x.element_size(), triton.next_power_of_2(k))
     grid = (min(n_experts, m), triton.cdiv(n, block_n))
     reduce = residual is not None
     assert not reduce or (direct and scale is not None and grid[1] <= MAX_TILES), "REDUCE: one token's down GEMM"
@@ -229,49 +262,62 @@ def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scal
         x, w, w if w_up is None else w_up, ws, ws if ws_up is None else ws_up, out,
         idx if direct else offsets, rows if rows is not None else out, out if scale is None else scale,
         idx if direct else out, _tickets(x.device) if reduce else out, residual if reduce else out,
-        total if reduce else out,
+        total if reduce else out, q, q_up, qs, qs_up,
         n, k, n_routed, n_experts, x_group, top_k,
         x.stride(0), w.stride(0), w.stride(1), ws.stride(0), ws.stride(1), out.stride(0),
+        *(q.stride() if w_scales is not None else (0, 0, 0)), *(qs.stride() if w_scales is not None else (0, 0, 0)),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(n_experts),
         SWIGLU=w_up is not None,
         GATHER=(rows is not None or direct) and scale is None, SCATTER=scale is not None, DIRECT=direct,
         REDUCE=reduce, BLOCK_J=triton.next_power_of_2(x_group),
         # fp32 gets fp32 dots (not tf32): the fp32 path is the one tests hold to tight bounds
-        PRECISION="ieee" if x.dtype == torch.float32 else None,
+        PRECISION="ieee" if x.dtype == torch.float32 else None, SCALED=w_scales is not None,
         num_warps=4, num_stages=3 if w_up is not None else 4, **pdl.options(x))
     return out
 
 
-def _shared_as_experts(shared, inter_dim):
-    """The shared MLP (gate/up [S*I, d], down [d, S*I]) as S experts of width I: views, no copies."""
+def _shared_as_experts(shared, inter_dim, scales=None):
+    """The shared MLP (gate/up [S*I, d], down [d, S*I]) as S experts of width I: views, no copies;
+    with `scales` (gate's, up's, down's FP8 block scales; I a multiple of 128) theirs too."""
     sg, su, sd = shared
     s = sg.shape[0] // inter_dim
-    as_experts = lambda w: w.view(s, inter_dim, w.shape[1])  # noqa: E731
+    as_experts = lambda w, rows: w.view(s, rows, w.shape[1])  # noqa: E731
     # down's expert j is columns j*I:(j+1)*I of [d, S*I]: strides (I, S*I, 1)
-    down = sd.as_strided((s, sd.shape[0], inter_dim), (inter_dim, sd.stride(0), 1))
-    return (as_experts(sg), as_experts(su)), (down, None), s
+    as_columns = lambda w, cols: w.as_strided((s, w.shape[0], cols), (cols, w.stride(0), 1))  # noqa: E731
+    gate_up, down = (as_experts(sg, inter_dim), as_experts(su, inter_dim)), (as_columns(sd, inter_dim), None)
+    if scales is None:
+        return gate_up, down, None, None, s
+    blocks = inter_dim // fp8.BLOCK
+    qg, qu, qd = scales
+    return gate_up, down, (as_experts(qg, blocks), as_experts(qu, blocks)), (as_columns(qd, blocks), None), s
 
 
 def _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
-                   residual=None):
+                   residual=None, scales=(None,) * 6):
     n_tokens, top_k = topk_idx.shape
     n_routed, inter_dim, dim = w_gate.shape
     n_shared = 0
-    gate_up_shared = down_shared = None
+    gate_up_shared = down_shared = gate_up_shared_q = down_shared_q = None
+    q_gate, q_up, q_down = scales[:3]
+    gate_up_q = None if q_gate is None else (q_gate, q_up)
+    down_q = None if q_gate is None else (q_down, None)
     if shared_gate is not None:
-        gate_up_shared, down_shared, n_shared = _shared_as_experts((shared_gate, shared_up, shared_down), inter_dim)
+        gate_up_shared, down_shared, gate_up_shared_q, down_shared_q, n_shared = _shared_as_experts(
+            (shared_gate, shared_up, shared_down), inter_dim, None if q_gate is None else scales[3:])
     group = top_k + n_shared
     # one token (batch-1 decode) needs no sort: a launch fewer for each MoE layer
     idx = topk_idx.contiguous() if n_tokens == 1 else None
     rows, offsets = (None, None) if idx is not None else moe_align(topk_idx, n_routed, n_shared)
     h = x.new_empty(n_tokens * group, inter_dim)
-    _launch(x, w_gate, w_up, offsets, h, shared=gate_up_shared, rows=rows, x_group=group, idx=idx)
+    _launch(x, w_gate, w_up, offsets, h, shared=gate_up_shared, rows=rows, x_group=group, idx=idx,
+            w_scales=gate_up_q, shared_scales=gate_up_shared_q)
     out = torch.empty(n_tokens * group, dim, dtype=torch.float32, device=x.device)
     reduce = _sums_in_kernel(x, residual)  # one token: the unsorted (DIRECT) launches above
     total = torch.empty_like(residual) if reduce else None
     _launch(h, w_down, None, offsets, out, shared=down_shared, rows=rows, x_group=group,
             scale=topk_weight.float().contiguous(), top_k=top_k, idx=idx,
-            residual=residual.contiguous() if reduce else None, total=total)
+            residual=residual.contiguous() if reduce else None, total=total,
+            w_scales=down_q, shared_scales=down_shared_q)
     return total if reduce else out.view(n_tokens, group, dim)
 
 
@@ -282,34 +328,52 @@ if triton is not None:
     def _fused_experts_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                           w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                           shared_gate: torch.Tensor | None, shared_up: torch.Tensor | None,
-                          shared_down: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+                          shared_down: torch.Tensor | None, residual: torch.Tensor | None,
+                          q_gate: torch.Tensor | None, q_up: torch.Tensor | None, q_down: torch.Tensor | None,
+                          qs_gate: torch.Tensor | None, qs_up: torch.Tensor | None,
+                          qs_down: torch.Tensor | None) -> torch.Tensor:
         return _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down,
-                              residual)
+                              residual, (q_gate, q_up, q_down, qs_gate, qs_up, qs_down))
 
     @_fused_experts_op.register_fake
-    def _(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down, residual):
+    def _(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, shared_up, shared_down, residual, *scales):
         if _sums_in_kernel(x, residual):
             return torch.empty_like(residual)
         group = topk_idx.shape[1] + (0 if shared_gate is None else shared_gate.shape[0] // w_gate.shape[1])
         return x.new_empty(x.shape[0], group, x.shape[1], dtype=torch.float32)
 
 
+def _dequantized(weights, scales):
+    return [None if w is None else torch.stack([fp8.dequantize(w[e], q[e]) for e in range(w.shape[0])]) if w.dim() == 3
+            else fp8.dequantize(w, q) for w, q in zip(weights, scales)]
+
+
 def fused_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
                   w_up: torch.Tensor, w_down: torch.Tensor,
                   shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
+                  residual: torch.Tensor | None = None,
+                  scales: tuple[torch.Tensor, ...] | None = None,
+                  shared_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """A MoE layer's experts for a decode-sized batch, on CUDA: x [N, d], topk_idx [N, K],
     topk_weight [N, K]; routed SwiGLU experts w_gate/w_up [E, I, d], w_down [E, d, I]; `shared` the
     shared experts' (gate [S*I, d], up [S*I, d], down [d, S*I]) -> [N, d] in x.dtype:
     sum_k g_k FFN_{idx_k}(x) + shared(x), plus `residual` [N, d] when given. For one token the down
     GEMM adds the parts and the residual itself; otherwise the per-(token, expert) outputs come
-    back in fp32 and are summed here, where a compiled caller fuses the sum into what follows."""
+    back in fp32 and are summed here, where a compiled caller fuses the sum into what follows.
+    FP8 weights come with `scales` (gate's, up's, down's 128 x 128 block scales, [E, ., .]) and
+    `shared_scales` (the shared experts', 2-D; their width I a multiple of 128), read in the kernels."""
     if triton is None or not x.is_cuda:
+        if scales is not None:
+            w_gate, w_up, w_down = _dequantized((w_gate, w_up, w_down), scales)
+            shared = None if shared is None else tuple(_dequantized(shared, shared_scales))
         y = fused_experts_reference(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared)
     else:
-        out = (_fused_experts_op if torch.compiler.is_compiling() else _fused_experts)(
-            x, topk_idx, topk_weight, w_gate, w_up, w_down, *(shared if shared is not None else (None,) * 3),
-            residual)
+        q = (*(scales or (None,) * 3), *(shared_scales or (None,) * 3))
+        shared_args = shared if shared is not None else (None,) * 3
+        if torch.compiler.is_compiling():
+            out = _fused_experts_op(x, topk_idx, topk_weight, w_gate, w_up, w_down, *shared_args, residual, *q)
+        else:
+            out = _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, *shared_args, residual, q)
         if _sums_in_kernel(x, residual):
             return out
         y = out.sum(1).to(x.dtype)
