@@ -220,7 +220,7 @@ def tune(config, device) -> list[dict]:
     return rows
 
 
-def engine_rows(config, device, bandwidth: float, peak: dict, args) -> dict:
+def engine_rows(config, device, bandwidth: float, peak: dict, args, save) -> dict:
     out = {}
     torch.manual_seed(0)
     bf16 = random_model(config, device, torch.bfloat16)
@@ -238,14 +238,17 @@ def engine_rows(config, device, bandwidth: float, peak: dict, args) -> dict:
             context = args.context + 8 + (args.decode_steps + 1) / 2
             r["decode"].append({"batch": b, "dsv2": d, "limit": decode_limit(config, wb, b, context, kv, bandwidth)})
             log(f"  decode batch {b}: {d.get('tok_s', float('nan')):,.0f} tok/s")
+            save(out | {name: r})
         for n, s in args.prefill:
-            p = guarded(f"{name} prefill {n}x{s}", lambda n=n, s=s: dsv2_prefill(model, n, s, 5, 2, n * s, 64, {}))
+            p = guarded(f"{name} prefill {n}x{s}", lambda n=n, s=s: dsv2_prefill(model, n, s, 3, 1, n * s, 64, {}))
             r["prefill"].append({"row": f"{n}x{s}", "dsv2": p, "limit": prefill_limit(
                 config, wb, n, s, bandwidth, peak["fp8_flops" if name == "fp8" else "bf16_flops"])})
             log(f"  prefill {n}x{s}: {p.get('tok_s', float('nan')):,.0f} tok/s")
+            save(out | {name: r})
         r["cache_tokens"] = guarded(f"{name} cache", lambda model=model: _cache_tokens(model))
         log(f"  cache tokens at 0.9: {r['cache_tokens']}")
         out[name] = r
+        save(out)
         free_memory()
     if args.hf:
         out["transformers_fp8"] = guarded("transformers fp8", lambda: hf_rows(bf16, args))
@@ -305,12 +308,16 @@ def main(argv=None) -> dict:
     if "tune" in sections:
         res["tune"] = tune(config, device)
         free_memory()
+    def save(engine: dict) -> None:  # after every row: a run cut short keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res | {"engine": engine, "complete": False}, indent=2, default=str))
+
     if "engine" in sections or args.hf:
-        res["engine"] = engine_rows(config, device, bandwidth, res["peaks"], args)
+        res["engine"] = engine_rows(config, device, bandwidth, res["peaks"], args, save)
         free_memory()
     print_tables(res)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2, default=str))
+    args.out.write_text(json.dumps(res | {"complete": True}, indent=2, default=str))
     return res
 
 
