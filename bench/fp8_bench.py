@@ -3,9 +3,9 @@ with its weights stored as `dsv2 quantize --method fp8` stores them, against its
 weights (the precision FP8 replaces in serving).
 
 Method: the checkpoint is written by save_model(quantization="fp8") and read back by load_model,
-the path every FP8 checkpoint takes (each quantized weight dequantized from its 128 x 128 block
-scales), so the numbers are those of the format itself; the forward then runs in float32, so they
-hold the weights' error alone. Windows: the built-in validation split (see kv_quant_bench.windows).
+the path every FP8 checkpoint takes (the weights held in FP8, each dequantized from its 128 x 128
+block scales for its matmul on the CPU), so the numbers are those of the format itself; the forward
+then runs in float32 without rounding the activations, so they hold the weights' error alone. Windows: the built-in validation split (see kv_quant_bench.windows).
 
     PYTHONPATH=. python3 bench/fp8_bench.py --out bench/results/fp8_quality_cpu.json
 """

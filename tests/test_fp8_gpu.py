@@ -71,6 +71,7 @@ def test_act_quant_kernel_against_reference(m, k):
     (64, 3072, 2048),  # q_proj at decode batch 64
     (77, 300, 200),  # nothing a multiple of 128
     (5, 576, 1536),
+    (5, 384, 96),  # K inside one block (the bundled model's q_b_proj)
 ])
 def test_fp8_gemm_against_float64(m, n, k):
     """FP8 x FP8 with 1 x 128 activation and 128 x 128 weight scales = the float64 product of the

@@ -216,7 +216,9 @@ def _launch_gemm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, offset
     assert w.shape[2] == k and w.stride(2) == 1, "w [E, N, K] with K contiguous"
     assert w_scale.shape == (n_experts, *fp8.scale_shape(w.shape[1:])) or split is not None, "w_scale's shape"
     dense = offsets is None
-    if dense and m and out_dtype == torch.bfloat16 and _cublas_block_scaled(x.device, n, k):
+    # (whole blocks only: cuBLAS's handling of a partial block at the K or N edge is not the format's)
+    if (dense and m and out_dtype == torch.bfloat16 and n % fp8.BLOCK == 0 and k % fp8.BLOCK == 0
+            and _cublas_block_scaled(x.device, n, k)):
         # cuBLAS's 1 x 128 by 128 x 128 block-scaled FP8 GEMM: 1.4x the Triton kernel below on V2-Lite's
         # dense prefill shapes (H200, bench/fp8_engine_bench.py --sections tune)
         a, a_scale = act_quant(x, column_major=True)
