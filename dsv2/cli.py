@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.resources import files
 from pathlib import Path
@@ -111,7 +112,20 @@ def _train(args) -> int:
         overrides.append(f"out={json.dumps(args.out)}")
     cfg = TrainConfig.load(args.config, overrides)
     summary = train(cfg, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if k != "expert_load"}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the summary; one prints it
+        print(json.dumps({k: v for k, v in summary.items() if k != "expert_load"}))
+    return 0
+
+
+def _export(args) -> int:
+    from .train.checkpoint import export
+
+    out = Path(args.out_dir)
+    if out.exists():
+        print(f"dsv2 export: {out} already exists", file=sys.stderr)
+        return 1
+    export(Path(args.checkpoint), out)
+    print(f"dsv2 export: wrote {out}")
     return 0
 
 
@@ -160,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=_chat)
 
-    p = sub.add_parser("train", help="pre-train a model (the paper's recipe)")
+    p = sub.add_parser("export", help="a training checkpoint (sharded or not) as an HF-format model directory")
+    p.add_argument("checkpoint", help="a run's checkpoints/step-N directory")
+    p.add_argument("out_dir", help="the model directory to write (must not exist)")
+    p.set_defaults(func=_export)
+    p = sub.add_parser("train", help="pre-train a model (the paper's recipe; under torchrun, on every rank)")
     p.add_argument("--config", default=None, help="TOML file of TrainConfig keys")
     p.add_argument("--out", default=None, help="run directory (checkpoints, metrics.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last valid checkpoint")

@@ -6,6 +6,11 @@ position, RNG states, config) and `manifest.json` with every file's size and sha
 last. The directory is assembled under a temporary name and renamed into place, so a crash leaves
 either a whole checkpoint or none; one damaged later (truncated, edited) fails its manifest and
 the previous good one is used instead, with a message.
+
+A run on several processes (train/parallel.py) writes sharded checkpoints instead: `dcp/` holds the
+model and optimizer state as torch.distributed.checkpoint wrote them, each rank its shards, with
+`config.json` (the model's) beside `trainer.pt`. DCP reshards on load, so such a checkpoint resumes on
+any number of processes, one included; `dsv2 export` turns it into the HF-format model directory.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..checkpoint import save_model
 from ..model import Transformer
 
 MANIFEST = "manifest.json"
+SHARDS = "dcp"
 
 
 def _sha256(path: Path) -> str:
@@ -51,15 +57,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _paths(run_dir: Path, step: int) -> tuple[Path, Path]:
+    root = run_dir / "checkpoints"
+    return root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
+
+
 def save_checkpoint(run_dir: Path, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], keep: int) -> Path:
-    root = run_dir / "checkpoints"
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
+    _, tmp = _paths(run_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, tmp / "model")
     torch.save({"optimizer": optimizer.state_dict(), "state": state, "rng": rng_state()}, tmp / "trainer.pt")
+    return _seal(run_dir, step, keep)
+
+
+def _seal(run_dir: Path, step: int, keep: int) -> Path:
+    """The manifest of the assembled checkpoint, written last; then the rename into place."""
+    final, tmp = _paths(run_dir, step)
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2))
@@ -108,3 +123,83 @@ def latest_valid(run_dir: Path) -> Path | None:
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+
+
+def is_sharded(path: Path) -> bool:
+    return (path / SHARDS).is_dir()
+
+
+def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 state: dict[str, Any], keep: int, d, model_config) -> Path:
+    """Every rank writes its shards of the model and optimizer (DCP); rank 0 the rest, the manifest and
+    the rename, once all shards are down."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp = _paths(run_dir, step)
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDS))
+    d.barrier()
+    if d.main:
+        torch.save({"state": state, "rng": rng_state(), "world_size": d.world}, tmp / "trainer.pt")
+        (tmp / "config.json").write_text(json.dumps(model_config.to_hf(), indent=2) + "\n")
+        _seal(run_dir, step, keep)
+    d.barrier()
+    return final
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """A sharded checkpoint's model (and optimizer) state into `model` as it is sharded now (or not)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
+    )
+
+    single = not torch.distributed.is_initialized()  # one process reads every shard
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=str(path / SHARDS), no_dist=single)
+        set_model_state_dict(model, state["model"])
+        return
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(path / SHARDS), no_dist=single)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_full_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """A single-process checkpoint's optimizer state (torch's format: parameters by position) onto a
+    sharded model's optimizer: the positions named as the parameters they were (the groups of
+    loop.param_groups, in model order), then sharded by set_optimizer_state_dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for group in _param_names(model) for n in group]
+    full = {"state": {names[i]: v for i, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def _param_names(model: torch.nn.Module) -> list[list[str]]:
+    """Parameter names in loop.param_groups' order: the decayed (2-D and up), then the rest."""
+    named = list(model.named_parameters())
+    return [[n for n, p in named if p.ndim >= 2], [n for n, p in named if p.ndim < 2]]
+
+
+def export(checkpoint: Path, out: Path) -> None:
+    """A training checkpoint (sharded or not) as an HF-format model directory: config.json and
+    safetensors, what load_model, transformers and the engine read."""
+    from ..config import ModelConfig
+
+    problem = verify(checkpoint)
+    if problem is not None:
+        raise ValueError(f"checkpoint {checkpoint} is damaged: {problem}")
+    if not is_sharded(checkpoint):
+        shutil.copytree(checkpoint / "model", out, dirs_exist_ok=False)
+        return
+    model = Transformer(ModelConfig.from_hf(checkpoint))
+    load_sharded(checkpoint, model)
+    save_model(model, out)

@@ -56,6 +56,8 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     seed: int = 0
+    # several processes (torchrun): the [parallel] table, train/parallel.py's ParallelConfig
+    parallel: dict[str, Any] = field(default_factory=dict)
     # output
     out: str = "runs/default"
     log_every: int = 10
@@ -81,10 +83,14 @@ class TrainConfig:
             raise ValueError(f"train config 'autocast' = {self.autocast!r}: expected auto, bf16 or none")
         if not 0 <= self.undropped_fraction <= 1:
             raise ValueError("train config 'undropped_fraction' must be in [0, 1]")
+        from .parallel import ParallelConfig
+
+        ParallelConfig.from_dict(self.parallel)  # its own errors, naming the key
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "TrainConfig":
-        """Read a TOML file (top-level keys; a [model_overrides] table) and apply key=value strings."""
+        """Read a TOML file (top-level keys; [model_overrides] and [parallel] tables) and apply
+        key=value strings (model_overrides.X=..., parallel.X=... for the tables)."""
         values: dict[str, Any] = {}
         if path is not None:
             try:
@@ -96,9 +102,10 @@ class TrainConfig:
             if not sep:
                 raise ValueError(f"override {item!r}: expected key=value")
             target = values
-            if key.startswith("model_overrides."):
-                target = values.setdefault("model_overrides", {})
-                key = key.removeprefix("model_overrides.")
+            for table in ("model_overrides", "parallel"):
+                if key.startswith(table + "."):
+                    target = values.setdefault(table, {})
+                    key = key.removeprefix(table + ".")
             target[key.strip()] = _parse_value(raw.strip())
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

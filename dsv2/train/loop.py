@@ -4,7 +4,8 @@ Each optimizer step takes batch_size(tokens_seen) sequences in micro-batches (gr
 accumulation), computes CE + the balance losses under bf16 autocast on GPU (fp32 on CPU), clips
 the gradient norm to 1.0 and steps AdamW at the schedule's LR. Every checkpoint holds what the
 next step depends on (weights, optimizer, tokens seen, data position, RNG), so a run resumed from
-one continues exactly as it would have; on CPU the losses are bit-identical.
+one continues exactly as it would have; on CPU the losses are bit-identical. Under torchrun the same
+loop runs on every rank with the model sharded by FSDP2 (train/parallel.py) and sharded checkpoints.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..model import TokenDropping, Transformer
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .losses import BalanceConfig, training_loss
+from .parallel import Dist, ParallelConfig, full_value, shard, sync_gradients
 from .schedule import batch_size, learning_rate
 
 
@@ -57,8 +59,13 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device(cfg.device if cfg.device != "auto" else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = Dist.start(cfg.device)
+        self.device = self.dist.device
+        share = cfg.micro_batch * self.dist.world
+        for name in ("batch_start", "batch_end"):
+            if getattr(cfg, name) % share:
+                raise ValueError(f"{name} ({getattr(cfg, name)}) must be a multiple of micro_batch x processes "
+                                 f"({cfg.micro_batch} x {self.dist.world}): each process takes whole micro-batches")
         use_bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext())
         torch.manual_seed(cfg.seed)
@@ -68,16 +75,18 @@ class Trainer:
         if not resume and ckpt.checkpoints(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds checkpoints of another run: pass --resume to "
                              "continue it, or choose a new out directory")
-        start = ckpt.latest_valid(self.run_dir) if resume else None
-        if resume and start is None:
+        start = self.dist.from_main(ckpt.latest_valid(self.run_dir) if resume and self.dist.main else None)
+        if resume and start is None and self.dist.main:
             print(f"dsv2: no valid checkpoint in {self.run_dir}; starting from scratch")
-        if start is not None:
+        if start is not None and not ckpt.is_sharded(start):
             self.model = load_model(start / "model", device=self.device, dtype=torch.float32,
                                     quantization="none").train()
-        else:
+        else:  # a sharded checkpoint's weights are loaded into the built model in _restore
             self.model = Transformer(build_model_config(cfg)).to(self.device)
             self.model.init_weights(cfg.init_std)
             self.model.train()
+        if self.dist.world > 1:
+            shard(self.model, self.dist, ParallelConfig.from_dict(cfg.parallel))
         self.mc = self.model.config
         if self.train_data.vocab_size > self.mc.vocab_size:
             raise ValueError(f"the data's tokenizer has {self.train_data.vocab_size} tokens but the model's "
@@ -85,22 +94,30 @@ class Trainer:
         self.balance = balance_config(cfg, self.mc)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-            fused=self.device.type == "cuda")
+            fused=self.device.type == "cuda" and self.dist.world == 1)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if start is not None:
             self._restore(start)
-        else:
+        elif self.dist.main:
             self.metrics_path.write_text("")
-        cfg.save(self.run_dir / "train_config.json")
+        if self.dist.main:
+            cfg.save(self.run_dir / "train_config.json")
 
     def _restore(self, path: Path) -> None:
         saved = ckpt.load_trainer_state(path)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if ckpt.is_sharded(path):  # any world size: DCP reshards onto this one
+            ckpt.load_sharded(path, self.model, self.optimizer)
+        elif self.dist.world > 1:
+            ckpt.load_full_optimizer(self.model, self.optimizer, saved["optimizer"])
+        else:
+            self.optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.train_data.load_state_dict(state["train_data"])
         ckpt.set_rng_state(saved["rng"])
+        if not self.dist.main:
+            return
         # the interrupted run may have logged steps past this checkpoint: they never happened now
         lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
         kept = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
@@ -110,9 +127,16 @@ class Trainer:
     def _save(self) -> None:
         state = {"step": self.step, "tokens_seen": self.tokens_seen,
                  "train_data": self.train_data.state_dict(), "config": self.cfg.to_dict()}
-        ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints)
+        if self.dist.world > 1:
+            ckpt.save_sharded(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints,
+                              self.dist, self.mc)
+        else:
+            ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                 self.cfg.keep_checkpoints)
 
     def _log(self, record: dict) -> None:
+        if not self.dist.main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -126,22 +150,29 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step. Values stay on the device (no host sync) until `_record` reads them."""
         cfg = self.cfg
-        bs = batch_size(self.tokens_seen, cfg.batch_start, cfg.batch_end, cfg.ramp_tokens, cfg.micro_batch)
+        world, rank = self.dist.world, self.dist.rank
+        bs = batch_size(self.tokens_seen, cfg.batch_start, cfg.batch_end, cfg.ramp_tokens, cfg.micro_batch * world)
         lr = learning_rate(self.step, self.tokens_seen, cfg.lr, cfg.warmup_steps, cfg.max_tokens,
                            tuple(cfg.decay_at), cfg.decay_factor)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = bs // cfg.micro_batch
         stats: dict[str, torch.Tensor] = {}
-        for _ in range(accum):
+        # the step's micro-batches dealt round-robin: every rank reads the whole stream, keeps its share
+        mine = range(rank, accum, world)
+        for i in range(accum):
             inputs, targets = self.train_data.next_batch(cfg.micro_batch)
+            if i % world != rank:
+                continue
+            sync_gradients(self.model, i == mine[-1])
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             with self.autocast:
                 out = self.forward(inputs, return_router=True, drop=self._drop(cfg.micro_batch),
                                    checkpoint_layers=cfg.activation_checkpointing)
             loss, parts = training_loss(out.logits, targets, out.router, self.mc.n_routed_experts or 1,
                                         self.mc.num_experts_per_tok or 1, self.balance)
-            (loss / accum).backward()
+            # FSDP2 averages the ranks' gradients: each rank's mean over its share is the step's mean
+            (loss / len(mine)).backward()
             for k, v in parts.items():
                 stats[k] = stats.get(k, 0.0) + v / accum
             if out.router:
@@ -152,7 +183,8 @@ class Trainer:
             if kept:
                 stats["dropped"] = stats.get("dropped", 0) + sum(int(k.numel()) - k.sum() for k in kept)
                 stats["assigned"] = stats.get("assigned", 0) + sum(k.numel() for k in kept)
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.dist.sum(stats)
+        stats["grad_norm"] = full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -193,7 +225,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         bar = tqdm(total=cfg.max_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True,
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not (cfg.progress and self.dist.main), dynamic_ncols=True)
         last = {}
         window_tokens, window_start = 0, time.perf_counter()
         while self.tokens_seen < cfg.max_tokens:
@@ -224,4 +256,8 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    return Trainer(cfg, resume).run()
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()

@@ -1,0 +1,135 @@
+"""Training on several processes (torchrun, gloo, FSDP2) against one process: the same loss
+trajectory at worlds 2 and 4, sharded checkpoints that resume exactly at the same world size and
+across world sizes (2 -> 1, 1 -> 2), and `dsv2 export` of a sharded checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv2.checkpoint import load_model
+
+from .test_train import data_dir  # noqa: F401 - the tiny corpus fixture
+
+STEPS = 10
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp: Path, data: Path) -> Path:
+    path = tmp / "dist.toml"
+    path.write_text("\n".join([
+        'model = "dsv2-tiny"', f'data = "{data}"', "seq_len = 32", f"max_tokens = {32 * 8 * STEPS}",
+        "batch_start = 8", "batch_end = 8", "micro_batch = 2", "lr = 3e-3", "warmup_steps = 5",
+        "decay_at = []", "log_every = 1", "eval_every = 5", "eval_batches = 2", "checkpoint_every = 5",
+        "progress = false", "init_std = 0.02", 'device = "cpu"', "keep_checkpoints = 5", "capacity_factor = 1.0",
+        "[model_overrides]", "vocab_size = 320"]))
+    return path
+
+
+def _train(config: Path, out: Path, world: int, *extra: str) -> None:
+    launcher = [sys.executable, "-m", "dsv2"] if world == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+        "-m", "dsv2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launcher, "train", "--config", str(config), f"out={json.dumps(str(out))}", *extra],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _metrics(run: Path) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def _close(a: dict[int, dict], b: dict[int, dict], steps, rel: float = 1e-5) -> None:
+    for s in steps:
+        for key in ("loss", "ce", "device", "comm", "grad_norm", "dropped_fraction"):
+            assert abs(a[s][key] - b[s][key]) <= rel * abs(a[s][key]), (s, key, a[s][key], b[s][key])
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("dist")
+    config = _config(tmp, data_dir)
+    out = {}
+    for world in (1, 2, 4):
+        out[world] = tmp / f"world{world}"
+        _train(config, out[world], world)
+    return config, out
+
+
+def test_worlds_2_and_4_follow_one_process(runs):
+    """The same micro-batches dealt to 2 or 4 ranks, gradients averaged by FSDP2: the single-process
+    losses, balance losses and gradient norms up to fp32 summation order."""
+    _, out = runs
+    one = _metrics(out[1])
+    assert sorted(one) == list(range(1, STEPS + 1))
+    for world in (2, 4):
+        many = _metrics(out[world])
+        assert sorted(many) == sorted(one)
+        _close(one, many, one)
+    assert (out[2] / "checkpoints" / "step-00000010" / "dcp").is_dir()  # sharded
+    assert (out[1] / "checkpoints" / "step-00000010" / "model").is_dir()  # one process: HF format
+
+
+def _resume_from_step_5(run: Path, copy: Path) -> None:
+    """`copy` is `run` as a kill -9 right after step 5's checkpoint would have left it."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step-00000010")
+
+
+@pytest.mark.parametrize("source, world", [(2, 2), (2, 1), (1, 2)])
+def test_resume_on_the_same_or_another_world_size(runs, tmp_path, source, world):
+    config, out = runs
+    resumed = tmp_path / f"from{source}to{world}"
+    _resume_from_step_5(out[source], resumed)
+    _train(config, resumed, world, "--resume")
+    a, b = _metrics(out[source]), _metrics(resumed)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    if source == world:  # the same sums in the same order: bit-exact, as one process resumes
+        assert all(a[s]["loss"] == b[s]["loss"] and a[s]["grad_norm"] == b[s]["grad_norm"] for s in a)
+    else:  # DCP reshards the weights and optimizer state; only the summation order changes
+        _close(a, b, range(6, STEPS + 1))
+
+
+def test_export_writes_the_model_load_model_reads(runs, tmp_path):
+    from dsv2.cli import main
+
+    _, out = runs
+    step = out[2] / "checkpoints" / "step-00000010"
+    assert main(["export", str(step), str(tmp_path / "model")]) == 0
+    assert main(["export", str(step), str(tmp_path / "model")]) == 1  # exists
+    exported = load_model(tmp_path / "model").state_dict()
+    single = load_model(out[1] / "checkpoints" / "step-00000010" / "model").state_dict()
+    assert exported.keys() == single.keys()
+    for k in exported:  # the two runs' weights after 10 steps: summation order apart
+        torch.testing.assert_close(exported[k], single[k], rtol=1e-4, atol=1e-5)
+
+
+def test_batch_must_split_into_whole_micro_batches_per_rank(data_dir, tmp_path):  # noqa: F811
+    config = _config(tmp_path, data_dir)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                "-m", "dsv2", "train", "--config", str(config), f"out={json.dumps(str(tmp_path / 'run'))}"]
+    proc = subprocess.run(launcher, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "must be a multiple of micro_batch x processes (2 x 3)" in proc.stderr
+
+
+def test_parallel_table_errors_name_the_key():
+    from dsv2.train.config import TrainConfig
+
+    assert TrainConfig.load(None, ["parallel.cpu_offload=true"]).parallel == {"cpu_offload": True}
+    with pytest.raises(ValueError, match=r"unknown \[parallel\] key\(s\): bogus"):
+        TrainConfig.load(None, ["parallel.bogus=1"])
+    with pytest.raises(ValueError, match="parallel.mixed_precision = 'fp4'"):
+        TrainConfig.load(None, ["parallel.mixed_precision=fp4"])
+    with pytest.raises(ValueError, match="parallel.cpu_offload = 3: expected bool"):
+        TrainConfig.load(None, ["parallel.cpu_offload=3"])
