@@ -133,3 +133,54 @@ def test_parallel_table_errors_name_the_key():
         TrainConfig.load(None, ["parallel.mixed_precision=fp4"])
     with pytest.raises(ValueError, match="parallel.cpu_offload = 3: expected bool"):
         TrainConfig.load(None, ["parallel.cpu_offload=3"])
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").is_file() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc (Linux)")
+def test_a_dead_worker_stops_the_run_without_orphans(data_dir, tmp_path):  # noqa: F811
+    """kill -9 of one rank mid-run: torchrun stops the other and exits non-zero within seconds."""
+    import signal
+    import time
+
+    config = _config(tmp_path, data_dir)
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dsv2",
+         "train", "--config", str(config), f"out={json.dumps(str(run))}", f"max_tokens={32 * 8 * 100_000}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not ((run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) > 3):
+            assert time.time() < deadline and launcher.poll() is None, "the run did not start"
+            time.sleep(0.2)
+        workers = _children(launcher.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        start = time.time()
+        assert launcher.wait(timeout=60) != 0
+        assert time.time() - start < 30
+        time.sleep(1)
+        assert not [w for w in workers if _alive(w)], "a worker outlived the run"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()

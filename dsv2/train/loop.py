@@ -86,6 +86,9 @@ class Trainer:
             self.model.init_weights(cfg.init_std)
             self.model.train()
         if self.dist.world > 1:
+            if cfg.compile:  # per block, before sharding (torchtitan's order): FSDP2's hooks stay outside
+                for block in self.model.layers:
+                    block.compile()
             shard(self.model, self.dist, ParallelConfig.from_dict(cfg.parallel))
         self.mc = self.model.config
         if self.train_data.vocab_size > self.mc.vocab_size:
@@ -95,7 +98,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
             fused=self.device.type == "cuda" and self.dist.world == 1)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.forward = torch.compile(self.model) if cfg.compile and self.dist.world == 1 else self.model
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if start is not None:
             self._restore(start)
