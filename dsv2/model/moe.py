@@ -340,6 +340,8 @@ class MoE(nn.Module):
 
     def _fused(self, flat: torch.Tensor) -> bool:
         e, s = self.experts, self.shared_experts
+        if not getattr(e, "fusable", True):  # a wrapper (train/expert_parallel.py) that holds some experts only
+            return False
         weights = [e.gate_proj, e.up_proj, e.down_proj] + (
             [] if s is None else [s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight])
         k = self.gate.top_k
