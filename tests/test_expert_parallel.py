@@ -69,9 +69,9 @@ def _worker(rank: int, world: int, init: str, drop: bool, results) -> None:
         assert_close(dx.float(), want_dx.float(), 2**8)
         per = 8 // world
         for name, g in grads.items():
-            if name.startswith("experts.local."):  # this rank's experts: the gradient of every rank's tokens
+            if name.startswith(f"experts.part{rank}."):  # this rank's experts: every rank's tokens' gradient
                 if not drop:
-                    full = want_grads[name.replace("experts.local.", "experts.")]
+                    full = want_grads[name.replace(f"experts.part{rank}.", "experts.")]
                     assert_close(g.float(), full[rank * per:(rank + 1) * per].float(), 2**8)
                 continue
             if not drop:  # replicated (gate, shared experts): this rank's tokens' part, summed over ranks

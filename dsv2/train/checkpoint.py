@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -152,19 +153,12 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
     return final
 
 
-def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """A sharded checkpoint's model (and optimizer) state into `model` as it is sharded now (or not)."""
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A sharded checkpoint's model and optimizer state into `model` as it is sharded now (or not)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     single = not torch.distributed.is_initialized()  # one process reads every shard
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=str(path / SHARDS), no_dist=single)
-        set_model_state_dict(model, state["model"])
-        return
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(path / SHARDS), no_dist=single)
@@ -201,5 +195,32 @@ def export(checkpoint: Path, out: Path) -> None:
         shutil.copytree(checkpoint / "model", out, dirs_exist_ok=False)
         return
     model = Transformer(ModelConfig.from_hf(checkpoint))
-    load_sharded(checkpoint, model)
+    model.load_state_dict(_whole_model(checkpoint))
     save_model(model, out)
+
+
+_PART = re.compile(r"^(.*\.experts)\.part(\d+)\.(gate_up_proj|down_proj)$")
+
+
+def _whole_model(path: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a sharded checkpoint, read in one process, as the unsharded model names
+    them: the expert-parallel parts of each layer (`experts.partG.*`, G = EP rank) joined in order."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path / SHARDS))
+    stored = reader.read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in stored.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    whole, parts = {}, {}
+    for key, t in state.items():
+        name = key.removeprefix("model.")
+        m = _PART.match(name)
+        if m:
+            parts.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = t
+        else:
+            whole[name] = t
+    for name, pieces in parts.items():
+        whole[name] = torch.cat([pieces[g] for g in sorted(pieces)])
+    return whole

@@ -29,7 +29,9 @@ from ..model.moe import Experts
 
 
 class ExpertParallel(nn.Module):
-    """`experts`' share of this rank of `group` (its parameters sliced out), called as Experts is."""
+    """`experts`' share of this rank of `group` (its parameters sliced out), called as Experts is.
+    The share is the submodule `part{index}`: its parameters' names say which experts they are, so
+    each EP rank's are its own in a checkpoint (`checkpoint.export` joins them)."""
 
     fusable = False  # the fused decode kernels see one rank's experts only
 
@@ -45,10 +47,14 @@ class ExpertParallel(nn.Module):
         lo = self.index * per
         dim, inter = experts.down_proj.shape[1], experts.inter_dim
         with torch.device("meta"):
-            self.local = Experts(per, dim, inter)
-        self.local.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[lo:lo + per].clone())
-        self.local.down_proj = nn.Parameter(experts.down_proj.detach()[lo:lo + per].clone())
-        self.first = lo
+            local = Experts(per, dim, inter)
+        local.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[lo:lo + per].clone())
+        local.down_proj = nn.Parameter(experts.down_proj.detach()[lo:lo + per].clone())
+        self.add_module(f"part{self.index}", local)
+
+    @property
+    def local(self) -> Experts:
+        return getattr(self, f"part{self.index}")
 
     def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
                 kept: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from ..checkpoint import load_model
@@ -26,7 +27,7 @@ from ..model import TokenDropping, Transformer
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .losses import BalanceConfig, training_loss
-from .parallel import Dist, ParallelConfig, full_value, shard, sync_gradients
+from .parallel import Dist, ParallelConfig, clip_grad_norm_, scale_expert_gradients, shard, sync_gradients
 from .schedule import batch_size, learning_rate
 
 
@@ -85,16 +86,24 @@ class Trainer:
             self.model = Transformer(build_model_config(cfg)).to(self.device)
             self.model.init_weights(cfg.init_std)
             self.model.train()
+        parallel = ParallelConfig.from_dict(cfg.parallel)
+        self.ep_group = None
+        if parallel.ep > 1 and self.dist.world == 1:
+            raise ValueError(f"parallel.ep = {parallel.ep} needs that many processes at least (torchrun)")
         if self.dist.world > 1:
             if cfg.compile:  # per block, before sharding (torchtitan's order): FSDP2's hooks stay outside
                 for block in self.model.layers:
                     block.compile()
-            shard(self.model, self.dist, ParallelConfig.from_dict(cfg.parallel))
+            self.ep_group = shard(self.model, self.dist, parallel)
         self.mc = self.model.config
         if self.train_data.vocab_size > self.mc.vocab_size:
             raise ValueError(f"the data's tokenizer has {self.train_data.vocab_size} tokens but the model's "
                              f"vocab_size is {self.mc.vocab_size}: set model_overrides.vocab_size")
         self.balance = balance_config(cfg, self.mc)
+        if parallel.ep > 1 and self.balance.groups != parallel.ep:
+            raise ValueError(f"parallel.ep = {parallel.ep} but the balance losses count {self.balance.groups} device "
+                             f"groups: set device_groups (or the model's n_group) to {parallel.ep}, so that the "
+                             "device-level and communication losses (and group-limited routing) are over EP ranks")
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
             fused=self.device.type == "cuda" and self.dist.world == 1)
@@ -109,6 +118,10 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         saved = ckpt.load_trainer_state(path)
+        saved_ep = saved["state"]["config"].get("parallel", {}).get("ep", 1)
+        if saved_ep != ParallelConfig.from_dict(self.cfg.parallel).ep:
+            raise ValueError(f"{path} was written with parallel.ep = {saved_ep}: resume with the same ep "
+                             "(its expert parts are named by EP rank)")
         if ckpt.is_sharded(path):  # any world size: DCP reshards onto this one
             ckpt.load_sharded(path, self.model, self.optimizer)
         elif self.dist.world > 1:
@@ -187,7 +200,12 @@ class Trainer:
                 stats["dropped"] = stats.get("dropped", 0) + sum(int(k.numel()) - k.sum() for k in kept)
                 stats["assigned"] = stats.get("assigned", 0) + sum(k.numel() for k in kept)
         self.dist.sum(stats)
-        stats["grad_norm"] = full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        if world > 1:
+            if self.ep_group is not None:
+                scale_expert_gradients(self.model, dist.get_world_size(self.ep_group))
+            stats["grad_norm"] = clip_grad_norm_(self.model, cfg.grad_clip, self.ep_group)
+        else:
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -34,10 +34,15 @@ class ParallelConfig:
     # free each block's gathered parameters after its forward (less memory, one more all-gather
     # in the backward)
     reshard_after_forward: bool = True
+    # expert parallelism: the routed experts split over groups of `ep` consecutive ranks
+    # (train/expert_parallel.py), FSDP2 sharding each part over the world / ep ranks that hold it
+    ep: int = 1
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("auto", "bf16", "none"):
             raise ValueError(f"parallel.mixed_precision = {self.mixed_precision!r}: expected auto, bf16 or none")
+        if self.ep < 1:
+            raise ValueError(f"parallel.ep = {self.ep}: must be at least 1")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ParallelConfig:
@@ -105,11 +110,16 @@ class Dist:
             dist.destroy_process_group()
 
 
-def shard(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
+def shard(model: nn.Module, d: Dist, cfg: ParallelConfig) -> dist.ProcessGroup | None:
     """FSDP2 over every rank: each decoder block a unit (its parameters gathered for its forward and
-    backward only), the embeddings, final norm and LM head in the root unit."""
+    backward only), the embeddings, final norm and LM head in the root unit. With ep > 1 the routed
+    experts are first split over EP groups, and each rank's part is its own unit, sharded over the
+    ranks that hold the same part (`scale_expert_gradients` then finishes their average). Returns the
+    EP group (None without EP)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    from .expert_parallel import apply_expert_parallel
 
     mesh = init_device_mesh(d.device.type, (d.world,), mesh_dim_names=("dp",))
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and d.device.type == "cuda")
@@ -119,10 +129,20 @@ def shard(model: nn.Module, d: Dist, cfg: ParallelConfig) -> nn.Module:
         else MixedPrecisionPolicy(),
         "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
     }
+    ep_group = None
+    if cfg.ep > 1:
+        if d.world % cfg.ep:
+            raise ValueError(f"parallel.ep = {cfg.ep} does not divide the {d.world} processes")
+        grid = init_device_mesh(d.device.type, (d.world // cfg.ep, cfg.ep), mesh_dim_names=("dp_rep", "ep"))
+        ep_group = grid["ep"].get_group()
+        apply_expert_parallel(model, ep_group)
     for block in model.layers:
+        if cfg.ep > 1 and block.is_moe:
+            fully_shard(block.mlp.experts, reshard_after_forward=cfg.reshard_after_forward,
+                        **{**options, "mesh": grid["dp_rep"]})
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **options)
     fully_shard(model, **options)
-    return model
+    return ep_group
 
 
 def sync_gradients(model: nn.Module, on: bool) -> None:
@@ -131,6 +151,40 @@ def sync_gradients(model: nn.Module, on: bool) -> None:
     setter = getattr(model, "set_requires_gradient_sync", None)
     if setter is not None:
         setter(on)
+
+
+def scale_expert_gradients(model: nn.Module, ep: int) -> None:
+    """Each expert part's gradient sums its EP group's ep ranks' tokens (through the all-to-all) and
+    FSDP2 averages it over the world / ep ranks holding the part: divided by ep it is the average
+    over the world that every other gradient is. (FSDP2's own divide factor would do this in the
+    reduction, but with a reduce op that gloo lacks.)"""
+    from .expert_parallel import ExpertParallel
+
+    for module in model.modules():
+        if isinstance(module, ExpertParallel):
+            torch._foreach_mul_([p.grad for p in module.parameters() if p.grad is not None], 1.0 / ep)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, ep_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for a sharded model whose gradients live on several meshes
+    (FSDP2's over all ranks; with EP, each expert part's over the ranks that hold it): the squared
+    norm per mesh, the expert parts' summed over their EP group (each rank holds other experts),
+    then every gradient scaled by min(1, max_norm / (norm + 1e-6)) as torch does."""
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for mesh, grads in by_mesh.items():
+        squared = full_value(torch.nn.utils.get_total_norm(grads)) ** 2
+        if ep_group is not None and mesh is not None and mesh.mesh_dim_names == ("dp_rep",):
+            dist.all_reduce(squared, group=ep_group)
+        total = total + squared
+    total = total.sqrt()
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
+    for grads in by_mesh.values():
+        torch._foreach_mul_(grads, coef)
+    return total
 
 
 def full_value(t: torch.Tensor) -> torch.Tensor:
