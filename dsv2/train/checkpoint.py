@@ -199,28 +199,88 @@ def export(checkpoint: Path, out: Path) -> None:
     save_model(model, out)
 
 
-_PART = re.compile(r"^(.*\.experts)\.part(\d+)\.(gate_up_proj|down_proj)$")
+_PART = re.compile(r"^(.*\.experts)\.part(\d+)\.(gate_up_proj|down_proj)(\..*)?$")
 
 
-def _whole_model(path: Path) -> dict[str, torch.Tensor]:
-    """Every model tensor of a sharded checkpoint, read in one process, as the unsharded model names
-    them: the expert-parallel parts of each layer (`experts.partG.*`, G = EP rank) joined in order."""
+def _read_all(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint under `prefix` ("model." or "optimizer.state."), read
+    whole by this process alone, with the prefix dropped."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = dcp.FileSystemReader(str(path / SHARDS))
     stored = reader.read_metadata().state_dict_metadata
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in stored.items()
-             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
     dcp.load(state, storage_reader=reader, no_dist=True)
+    return {k.removeprefix(prefix): t for k, t in state.items()}
+
+
+def _join_parts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Expert-parallel parts (`experts.partG.X[.suffix]`, G = EP rank) joined in rank order into
+    `experts.X[.suffix]`; a 0-d entry (an optimizer step count) is the same in every part."""
     whole, parts = {}, {}
-    for key, t in state.items():
-        name = key.removeprefix("model.")
+    for name, t in state.items():
         m = _PART.match(name)
         if m:
-            parts.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = t
+            parts.setdefault(f"{m[1]}.{m[3]}{m[4] or ''}", {})[int(m[2])] = t
         else:
             whole[name] = t
     for name, pieces in parts.items():
-        whole[name] = torch.cat([pieces[g] for g in sorted(pieces)])
+        ordered = [pieces[g] for g in sorted(pieces)]
+        whole[name] = ordered[0] if ordered[0].dim() == 0 else torch.cat(ordered)
     return whole
+
+
+def _whole_model(path: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a sharded checkpoint as the unsharded model names them."""
+    return _join_parts(_read_all(path, "model."))
+
+
+def load_any_layout(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, unsplit: torch.nn.Module,
+                    saved: dict[str, Any]) -> None:
+    """A checkpoint written with another expert-parallel layout (another `ep`, or one process) into
+    this run's: every rank reads the whole model and optimizer state, joins the expert parts, takes
+    its own experts back out and loads the result as full tensors that FSDP2 shards. `unsplit`: the
+    model as one process builds it (meta is enough), whose parameter order names a single-process
+    checkpoint's optimizer state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_state_dict,
+    )
+
+    if is_sharded(path):
+        weights = _whole_model(path)
+        flat = _join_parts(_read_all(path, "optimizer.state."))
+        optim: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in flat.items():
+            name, _, field = key.rpartition(".")
+            optim.setdefault(name, {})[field] = t
+    else:
+        from ..checkpoint import load_model
+
+        weights = load_model(path / "model", quantization="none").state_dict()
+        names = [n for group in _param_names(unsplit) for n in group]
+        optim = {names[i]: v for i, v in saved["optimizer"]["state"].items()}
+    full = StateDictOptions(full_state_dict=True)
+    mine_model = {name: _own_part(name, weights[_unsplit_name(name)], model)
+                  for name in get_model_state_dict(model, options=full)}
+    current = get_optimizer_state_dict(model, optimizer, options=full)
+    mine_optim = {"state": {name: {k: _own_part(name, v, model) for k, v in optim[_unsplit_name(name)].items()}
+                            for name in current["state"]},
+                  "param_groups": current["param_groups"]}
+    set_state_dict(model, optimizer, model_state_dict=mine_model, optim_state_dict=mine_optim, options=full)
+
+
+def _unsplit_name(name: str) -> str:
+    m = _PART.match(name)
+    return f"{m[1]}.{m[3]}{m[4] or ''}" if m else name
+
+
+def _own_part(name: str, whole: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """This rank's piece of `whole`, the unsplit tensor that `name` (this run's name) is part of: its
+    experts' rows for an expert-parallel part, all of it otherwise."""
+    m = _PART.match(name)
+    if m is None or whole.dim() == 0:
+        return whole
+    per = model.get_submodule(f"{m[1]}.part{m[2]}").n_experts
+    return whole[int(m[2]) * per:(int(m[2]) + 1) * per]

@@ -119,10 +119,11 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         saved = ckpt.load_trainer_state(path)
         saved_ep = saved["state"]["config"].get("parallel", {}).get("ep", 1)
-        if saved_ep != ParallelConfig.from_dict(self.cfg.parallel).ep:
-            raise ValueError(f"{path} was written with parallel.ep = {saved_ep}: resume with the same ep "
-                             "(its expert parts are named by EP rank)")
-        if ckpt.is_sharded(path):  # any world size: DCP reshards onto this one
+        if saved_ep != ParallelConfig.from_dict(self.cfg.parallel).ep:  # experts split otherwise: regroup them
+            with torch.device("meta"):
+                unsplit = Transformer(self.mc)
+            ckpt.load_any_layout(path, self.model, self.optimizer, unsplit, saved)
+        elif ckpt.is_sharded(path):  # any world size: DCP reshards onto this one
             ckpt.load_sharded(path, self.model, self.optimizer)
         elif self.dist.world > 1:
             ckpt.load_full_optimizer(self.model, self.optimizer, saved["optimizer"])
