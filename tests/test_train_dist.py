@@ -209,3 +209,19 @@ def test_a_dead_worker_stops_the_run_without_orphans(data_dir, tmp_path):  # noq
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_background_checkpoints_are_the_synchronous_ones(runs, tmp_path):
+    """parallel.async_checkpoint: DCP's async_save while training goes on, each checkpoint sealed
+    before the next starts and at the end; the same training and the same checkpoint tensors."""
+    from dsv2.train import checkpoint as ckpt
+
+    config, out = runs
+    run = tmp_path / "async"
+    _train(config, run, 2, "parallel.async_checkpoint=true")
+    a, b = _metrics(out[2, 1]), _metrics(run)
+    assert all(a[s]["loss"] == b[s]["loss"] and a[s]["grad_norm"] == b[s]["grad_norm"] for s in a)
+    for step in ("step-00000005", "step-00000010"):
+        assert ckpt.verify(run / "checkpoints" / step) is None
+        want, got = (ckpt._read_all(r / "checkpoints" / step, "") for r in (out[2, 1], run))
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

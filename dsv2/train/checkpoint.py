@@ -15,6 +15,8 @@ any number of processes, one included; `dsv2 export` turns it into the HF-format
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -131,9 +133,12 @@ def is_sharded(path: Path) -> bool:
 
 
 def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 state: dict[str, Any], keep: int, d, model_config) -> Path:
+                 state: dict[str, Any], keep: int, d, model_config, asynchronous: bool = False):
     """Every rank writes its shards of the model and optimizer (DCP); rank 0 the rest, the manifest and
-    the rename, once all shards are down."""
+    the rename, once all shards are down. Returns a function that finishes the checkpoint and returns
+    its path: called at once, or, `asynchronous`, when the caller next needs it done (DCP's async_save
+    copies the state to host memory before it returns, so training goes on while the files are
+    written; until the finish the checkpoint is an unsealed temporary directory that resume ignores)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -143,14 +148,32 @@ def save_sharded(run_dir: Path, step: int, model: torch.nn.Module, optimizer: to
         tmp.mkdir(parents=True)
     d.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDS))
-    d.barrier()
-    if d.main:
-        torch.save({"state": state, "rng": rng_state(), "world_size": d.world}, tmp / "trainer.pt")
-        (tmp / "config.json").write_text(json.dumps(model_config.to_hf(), indent=2) + "\n")
-        _seal(run_dir, step, keep)
-    d.barrier()
-    return final
+    shards = {"model": model_state, "optimizer": optim_state}
+    trainer = copy.deepcopy({"state": state, "rng": rng_state(), "world_size": d.world})  # as of this step
+    future = None
+    if asynchronous:
+        future = dcp.async_save(shards, checkpoint_id=str(tmp / SHARDS), process_group=_checkpoint_group())
+    else:
+        dcp.save(shards, checkpoint_id=str(tmp / SHARDS))
+
+    def finish() -> Path:
+        if future is not None:
+            future.result()
+        d.barrier()
+        if d.main:
+            torch.save(trainer, tmp / "trainer.pt")
+            (tmp / "config.json").write_text(json.dumps(model_config.to_hf(), indent=2) + "\n")
+            _seal(run_dir, step, keep)
+        d.barrier()
+        return final
+
+    return finish if asynchronous else finish()
+
+
+@functools.cache
+def _checkpoint_group():
+    """A gloo group of every rank for the background save's own collectives, apart from training's."""
+    return torch.distributed.new_group(backend="gloo")
 
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

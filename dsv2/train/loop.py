@@ -88,6 +88,7 @@ class Trainer:
             self.model.train()
         parallel = ParallelConfig.from_dict(cfg.parallel)
         self.ep_group = None
+        self.async_checkpoint, self.pending_save = parallel.async_checkpoint, None
         if parallel.ep > 1 and self.dist.world == 1:
             raise ValueError(f"parallel.ep = {parallel.ep} needs that many processes at least (torchrun)")
         if self.dist.world > 1:
@@ -145,11 +146,18 @@ class Trainer:
         state = {"step": self.step, "tokens_seen": self.tokens_seen,
                  "train_data": self.train_data.state_dict(), "config": self.cfg.to_dict()}
         if self.dist.world > 1:
-            ckpt.save_sharded(self.run_dir, self.step, self.model, self.optimizer, state, self.cfg.keep_checkpoints,
-                              self.dist, self.mc)
+            self._finish_save()  # the previous background save first: one at a time, sealed in order
+            finish = ckpt.save_sharded(self.run_dir, self.step, self.model, self.optimizer, state,
+                                       self.cfg.keep_checkpoints, self.dist, self.mc, self.async_checkpoint)
+            self.pending_save = finish if self.async_checkpoint else None
         else:
             ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
                                  self.cfg.keep_checkpoints)
+
+    def _finish_save(self) -> None:
+        if self.pending_save is not None:
+            self.pending_save()
+            self.pending_save = None
 
     def _log(self, record: dict) -> None:
         if not self.dist.main:
@@ -273,6 +281,7 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or done:
                 self._save()
             window_start += time.perf_counter() - paused  # tokens/s counts training time only
+        self._finish_save()
         bar.close()
         return last
 

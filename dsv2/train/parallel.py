@@ -34,6 +34,8 @@ class ParallelConfig:
     # free each block's gathered parameters after its forward (less memory, one more all-gather
     # in the backward)
     reshard_after_forward: bool = True
+    # checkpoints written in the background (DCP's async_save) while training goes on
+    async_checkpoint: bool = False
     # expert parallelism: the routed experts split over groups of `ep` consecutive ranks
     # (train/expert_parallel.py), FSDP2 sharding each part over the world / ep ranks that hold it
     ep: int = 1
