@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .model import Transformer, fp8
 from .model.fp8_layers import quantize_model_
+from .model.kernels.fp8_gemm import warn_if_unsupported
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -276,10 +277,9 @@ def load_model(
                                 scale = read_tensor(g, path / c.scale_file, c.scale)
                     _place(c.target, tensor, scale, params)
                     del tensor
-    model.eval()
     if quantization == "fp8" or (quantization == "auto" and quantized):
-        quantize_model_(model)  # nothing left to convert; warns where FP8 runs as weight-only dequantization
-    return model
+        warn_if_unsupported(device)  # FP8 weights on a GPU without FP8: weight-only dequantization
+    return model.eval()
 
 
 def _place(target: _Target, tensor: torch.Tensor, scale: torch.Tensor | None, params: dict) -> None:

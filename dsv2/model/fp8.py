@@ -91,6 +91,13 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(q.shape[0] * BLOCK, -1)[:out, :in_].contiguous(), scale
 
 
+def dequantize_experts(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dequantize() of each expert of a stacked [E, out, in] weight with its [E, ., .] scales, or of a 2-D one."""
+    if q.dim() == 2:
+        return dequantize(q, scale_inv, dtype)
+    return torch.stack([dequantize(q[e], scale_inv[e], dtype) for e in range(q.shape[0])])
+
+
 def dequantize_rows(q: torch.Tensor, scale_inv: torch.Tensor, split: int | None = None,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """dequantize() for two matrices stacked by rows, each blocked on its own (gate_up_proj: the up

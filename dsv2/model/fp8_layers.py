@@ -70,10 +70,6 @@ def held_in_fp8(name: str) -> bool:
     return fp8.is_quantized(name) and not any(f".{kept}." in name for kept in _KEPT)
 
 
-def is_fp8(model: nn.Module) -> bool:
-    return any(p.dtype == fp8.FP8 for p in model.parameters())
-
-
 def quantize_model_(model: nn.Module) -> nn.Module:
     """Hold `model`'s quantizable weights in FP8, in place, a layer at a time (peak memory: the model
     plus one layer's FP8 copy). Names as in the checkpoint, `model.` dropped."""

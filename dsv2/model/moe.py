@@ -204,9 +204,8 @@ class Experts(nn.Module):
         """(gate_proj, up_proj, down_proj) in float32, whatever the storage."""
         if not self.quantized:
             return self.gate_proj.float(), self.up_proj.float(), self.down_proj.float()
-        sg, su, sd = self.scales()
-        return tuple(torch.stack([fp8.dequantize(w[e], s[e]) for e in range(self.n_experts)])
-                     for w, s in ((self.gate_proj, sg), (self.up_proj, su), (self.down_proj, sd)))
+        return tuple(fp8.dequantize_experts(w, s) for w, s in zip((self.gate_proj, self.up_proj, self.down_proj),
+                                                                  self.scales()))
 
     def to_fp8_(self) -> None:
         """Hold the weights in FP8, each expert's gate, up and down quantized on its own (meta: shapes only)."""

@@ -268,7 +268,7 @@ def load_any_layout(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     model as one process builds it (meta is enough), whose parameter order names a single-process
     checkpoint's optimizer state."""
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_state_dict,
+        StateDictOptions, get_optimizer_state_dict, set_state_dict,
     )
 
     if is_sharded(path):
@@ -285,8 +285,8 @@ def load_any_layout(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         names = [n for group in _param_names(unsplit) for n in group]
         optim = {names[i]: v for i, v in saved["optimizer"]["state"].items()}
     full = StateDictOptions(full_state_dict=True)
-    mine_model = {name: _own_part(name, weights[_unsplit_name(name)], model)
-                  for name in get_model_state_dict(model, options=full)}
+    # the names only: model.state_dict() of a sharded model gathers nothing
+    mine_model = {name: _own_part(name, weights[_unsplit_name(name)], model) for name in model.state_dict()}
     current = get_optimizer_state_dict(model, optimizer, options=full)
     mine_optim = {"state": {name: {k: _own_part(name, v, model) for k, v in optim[_unsplit_name(name)].items()}
                             for name in current["state"]},

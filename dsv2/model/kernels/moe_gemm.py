@@ -343,11 +343,6 @@ if triton is not None:
         return x.new_empty(x.shape[0], group, x.shape[1], dtype=torch.float32)
 
 
-def _dequantized(weights, scales):
-    return [None if w is None else torch.stack([fp8.dequantize(w[e], q[e]) for e in range(w.shape[0])]) if w.dim() == 3
-            else fp8.dequantize(w, q) for w, q in zip(weights, scales)]
-
-
 def fused_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w_gate: torch.Tensor,
                   w_up: torch.Tensor, w_down: torch.Tensor,
                   shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -364,8 +359,9 @@ def fused_experts(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Te
     `shared_scales` (the shared experts', 2-D; their width I a multiple of 128), read in the kernels."""
     if triton is None or not x.is_cuda:
         if scales is not None:
-            w_gate, w_up, w_down = _dequantized((w_gate, w_up, w_down), scales)
-            shared = None if shared is None else tuple(_dequantized(shared, shared_scales))
+            w_gate, w_up, w_down = (fp8.dequantize_experts(w, q) for w, q in zip((w_gate, w_up, w_down), scales))
+            if shared is not None:
+                shared = tuple(fp8.dequantize_experts(w, q) for w, q in zip(shared, shared_scales))
         y = fused_experts_reference(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared)
     else:
         q = (*(scales or (None,) * 3), *(shared_scales or (None,) * 3))
