@@ -91,7 +91,10 @@ class Trainer:
         self.async_checkpoint, self.pending_save = parallel.async_checkpoint, None
         if parallel.ep > 1 and self.dist.world == 1:
             raise ValueError(f"parallel.ep = {parallel.ep} needs that many processes at least (torchrun)")
-        if self.dist.world > 1:
+        if parallel.cpu_offload and not self.dist.launched:
+            raise ValueError("parallel.cpu_offload is FSDP2's: run under torchrun (--nproc-per-node 1 for one GPU)")
+        self.sharded = self.dist.launched
+        if self.sharded:
             if cfg.compile:  # per block, before sharding (torchtitan's order): FSDP2's hooks stay outside
                 for block in self.model.layers:
                     block.compile()
@@ -107,8 +110,8 @@ class Trainer:
                              "device-level and communication losses (and group-limited routing) are over EP ranks")
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-            fused=self.device.type == "cuda" and self.dist.world == 1)
-        self.forward = torch.compile(self.model) if cfg.compile and self.dist.world == 1 else self.model
+            fused=self.device.type == "cuda" and not self.sharded)
+        self.forward = torch.compile(self.model) if cfg.compile and not self.sharded else self.model
         self.metrics_path = self.run_dir / "metrics.jsonl"
         if start is not None:
             self._restore(start)
@@ -126,7 +129,7 @@ class Trainer:
             ckpt.load_any_layout(path, self.model, self.optimizer, unsplit, saved)
         elif ckpt.is_sharded(path):  # any world size: DCP reshards onto this one
             ckpt.load_sharded(path, self.model, self.optimizer)
-        elif self.dist.world > 1:
+        elif self.sharded:
             ckpt.load_full_optimizer(self.model, self.optimizer, saved["optimizer"])
         else:
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -145,7 +148,7 @@ class Trainer:
     def _save(self) -> None:
         state = {"step": self.step, "tokens_seen": self.tokens_seen,
                  "train_data": self.train_data.state_dict(), "config": self.cfg.to_dict()}
-        if self.dist.world > 1:
+        if self.sharded:
             self._finish_save()  # the previous background save first: one at a time, sealed in order
             finish = ckpt.save_sharded(self.run_dir, self.step, self.model, self.optimizer, state,
                                        self.cfg.keep_checkpoints, self.dist, self.mc, self.async_checkpoint)
@@ -209,7 +212,7 @@ class Trainer:
                 stats["dropped"] = stats.get("dropped", 0) + sum(int(k.numel()) - k.sum() for k in kept)
                 stats["assigned"] = stats.get("assigned", 0) + sum(k.numel() for k in kept)
         self.dist.sum(stats)
-        if world > 1:
+        if self.sharded:
             if self.ep_group is not None:
                 scale_expert_gradients(self.model, dist.get_world_size(self.ep_group))
             stats["grad_norm"] = clip_grad_norm_(self.model, cfg.grad_clip, self.ep_group)

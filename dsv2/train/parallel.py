@@ -66,6 +66,9 @@ class Dist:
     rank: int
     world: int
     device: torch.device
+    # launched by torchrun (a process group, even of one): the model is sharded with FSDP2 and
+    # checkpoints are DCP's, so `torchrun --nproc-per-node 1` runs the path that N processes run
+    launched: bool = False
 
     @property
     def main(self) -> bool:
@@ -73,11 +76,10 @@ class Dist:
 
     @classmethod
     def start(cls, device: str) -> Dist:
-        """Join the process group that torchrun describes (WORLD_SIZE > 1), else a world of one.
-        `device`: "auto" (CUDA when available), "cuda" or "cpu"."""
+        """Join the process group that torchrun describes (RANK and WORLD_SIZE set), else a world of
+        one without torch.distributed. `device`: "auto" (CUDA when available), "cuda" or "cpu"."""
         cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             return cls(0, 1, torch.device("cuda" if cuda else device if device != "auto" else "cpu"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         target = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -85,7 +87,7 @@ class Dist:
             torch.cuda.set_device(target)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo", device_id=target if cuda else None)
-        return cls(dist.get_rank(), dist.get_world_size(), target)
+        return cls(dist.get_rank(), dist.get_world_size(), target, launched=True)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -108,7 +110,7 @@ class Dist:
         return box[0]
 
     def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
+        if self.launched and dist.is_initialized():
             dist.destroy_process_group()
 
 
