@@ -16,6 +16,8 @@ Sections:
   (1x2048, 8x512) for a bf16 and an FP8 model built from the same random weights, the weights in
   memory, and the cache tokens that fit at gpu_memory_utilization 0.9. Limits as engine_bench's, with
   the FP8 model's own (smaller) weight bytes and the FP8 peak for its prefill.
+- tune-decode: the FP8 decode kernels' launch choices (kernels/small_linear.py's FP8_TILE,
+  kernels/moe_gemm.py's FP8_CONFIG) on the same shapes, each time and its copy-bandwidth limit.
 - hf: the FP8 model saved as an FP8 checkpoint and loaded by transformers (its fine-grained FP8
   path), decode at batch 1 and prefill 1x2048, on the same prompts.
 
@@ -100,6 +102,16 @@ def _q3(w):
     return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
 
+def _decode_batch(config, device, g, randn, batch: int):
+    """One MoE layer's decode inputs: x, distinct top-k experts per token, gate values, residual, and
+    the experts touched (routed + shared)."""
+    d, e, k = config.hidden_size, config.n_routed_experts, config.num_experts_per_tok
+    x = randn(batch, d) * d ** 0.5
+    idx = torch.stack([torch.randperm(e, device=device, generator=g)[:k] for _ in range(batch)])
+    weight = torch.rand(batch, k, device=device, generator=g)
+    return x, idx, weight, randn(batch, d), idx.unique().numel() + config.n_shared_experts
+
+
 @torch.inference_mode()
 def kernels(config, device, bandwidth: float, peak: dict) -> list[dict]:
     rows = []
@@ -138,11 +150,7 @@ def kernels(config, device, bandwidth: float, peak: dict) -> list[dict]:
     (qsg2, ssg), (qsu2, ssu), (qsd2, ssd) = _q(sg), _q(su), _q(sd)
     per_expert = 3 * inter * d
     for batch in (1, 64):
-        x = randn(batch, d) * d ** 0.5
-        idx = torch.stack([torch.randperm(e, device=device, generator=g)[:k] for _ in range(batch)])
-        weight = torch.rand(batch, k, device=device, generator=g)
-        res = randn(batch, d)
-        touched = idx.unique().numel() + config.n_shared_experts
+        x, idx, weight, res, touched = _decode_batch(config, device, g, randn, batch)
         row(f"MoE experts, batch {batch} ({touched} experts)",
             lambda x=x, idx=idx, weight=weight, res=res: fused_experts(x, idx, weight, wg, wu, wd, (sg, su, sd), res),
             lambda x=x, idx=idx, weight=weight, res=res: fused_experts(
@@ -220,6 +228,83 @@ def tune(config, device) -> list[dict]:
     return rows
 
 
+SMALL_LINEAR_TILES = [(2048, 1024, 4, 4), (4096, 1024, 4, 4), (4096, 2048, 4, 4), (4096, 2048, 8, 4),
+                      (2048, 2048, 4, 4), (8192, 2048, 8, 3), (1024, 1024, 4, 4), (2048, 512, 4, 4)]
+MOE_SWIGLU = [(32, 1, 4, 3), (32, 2, 4, 3), (32, 4, 4, 2), (64, 1, 4, 3), (64, 2, 4, 3), (16, 2, 4, 3),
+              (32, 2, 8, 3), (128, 1, 4, 3), (64, 2, 8, 3), (16, 4, 4, 3)]
+MOE_DOWN = [(64, 1, 4, 4), (64, 2, 4, 3), (32, 2, 4, 3), (128, 1, 4, 4), (64, 4, 4, 2), (128, 2, 8, 3),
+            (32, 1, 4, 4), (32, 4, 4, 3)]
+
+
+@torch.inference_mode()
+def tune_decode(config, device, bandwidth: float) -> dict:
+    """The FP8 decode kernels' launch choices on V2-Lite's shapes: kernels/small_linear.py's FP8_TILE
+    (q_proj + kv_a at 1 and 4 rows, o_proj at 1 row) and kernels/moe_gemm.py's FP8_CONFIG (one MoE
+    layer at batch 1 and 64: the SwiGLU GEMM's choices with the down GEMM's default, then the down
+    GEMM's with the best SwiGLU one), microseconds each, each output checked against the default's."""
+    from dsv2.model.kernels import moe_gemm, small_linear as sl
+
+    g = torch.Generator(device=device).manual_seed(2)
+    d, h = config.hidden_size, config.num_attention_heads
+    randn = lambda *s: torch.randn(*s, device=device, generator=g, dtype=torch.bfloat16) / s[-1] ** 0.5  # noqa: E731
+    out = {"small_linear": [], "moe": []}
+
+    def sweep(name, fn, choices, set_choice, nbytes):
+        default = fn()
+        times = {}
+        for c in choices:
+            set_choice(c)
+            try:
+                y = fn()
+                ok = all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-2) for a, b in zip(y, default))
+                times[str(c)] = timed(fn) * 1e6 if ok else "wrong result"
+            except Exception as e:  # noqa: BLE001 - a choice the compiler or GPU refuses is a row too
+                times[str(c)] = f"{type(e).__name__}: {str(e)[:80]}"
+        best = min((v, k) for k, v in times.items() if isinstance(v, float))
+        log(f"  {name}: best {best[1]} {best[0]:.1f} us ({nbytes / bandwidth * 1e6:.1f} us limit)")
+        return {"shape": name, "us": times, "best": best[1], "best_us": best[0], "limit_us": nbytes / bandwidth * 1e6}
+
+    saved_tile = sl.FP8_TILE
+    q_out = h * config.qk_head_dim
+    wq, wkv, wo = randn(q_out, d), randn(config.kv_lora_rank + config.qk_rope_head_dim, d), randn(d, h * config.v_head_dim)
+    (qq, sq), (qkv, skv), (qo, so) = _q(wq), _q(wkv), _q(wo)
+    def set_tile(c):
+        sl.FP8_TILE = c
+    for m in (1, 4):
+        x = randn(m, d) * d ** 0.5
+        out["small_linear"].append(sweep(
+            f"q_proj + kv_a, {m} row(s)", lambda x=x: small_linear_fp8(x, [qq, qkv], [sq, skv], torch.bfloat16),
+            SMALL_LINEAR_TILES, set_tile, qq.numel() + qkv.numel()))
+        sl.FP8_TILE = saved_tile
+    x = randn(1, wo.shape[1]) * wo.shape[1] ** 0.5
+    out["small_linear"].append(sweep("o_proj, 1 row", lambda: small_linear_fp8(x, [qo], [so], torch.bfloat16),
+                                     SMALL_LINEAR_TILES, set_tile, qo.numel()))
+    sl.FP8_TILE = saved_tile
+
+    e, inter = config.n_routed_experts, config.moe_intermediate_size
+    s_inter = config.n_shared_experts * inter
+    (qg, qsg), (qu, qsu), (qd, qsd) = _q3(randn(e, inter, d)), _q3(randn(e, inter, d)), _q3(randn(e, d, inter))
+    (qsg2, ssg), (qsu2, ssu), (qsd2, ssd) = _q(randn(s_inter, d)), _q(randn(s_inter, d)), _q(randn(d, s_inter))
+    saved = dict(moe_gemm.FP8_CONFIG)
+    for batch in (1, 64):
+        x, idx, weight, res, touched = _decode_batch(config, device, g, randn, batch)
+        nbytes = touched * 3 * inter * d
+
+        def layer(x=x, idx=idx, weight=weight, res=res):
+            return [fused_experts(x, idx, weight, qg, qu, qd, (qsg2, qsu2, qsd2), res, (qsg, qsu, qsd), (ssg, ssu, ssd))]
+
+        def set_part(part):
+            def set_choice(c):
+                moe_gemm.FP8_CONFIG[part] = c
+            return set_choice
+        row = sweep(f"MoE batch {batch}, SwiGLU choices", layer, MOE_SWIGLU, set_part("swiglu"), nbytes)
+        out["moe"].append(row)
+        moe_gemm.FP8_CONFIG["swiglu"] = tuple(int(v) for v in row["best"].strip("()").split(","))
+        out["moe"].append(sweep(f"MoE batch {batch}, down choices", layer, MOE_DOWN, set_part("down"), nbytes))
+        moe_gemm.FP8_CONFIG.update(saved)
+    return out
+
+
 def engine_rows(config, device, bandwidth: float, peak: dict, args, save) -> dict:
     out = {}
     torch.manual_seed(0)
@@ -292,7 +377,7 @@ def main(argv=None) -> dict:
     sections = args.sections.split(",")
     args.hf = args.hf or "hf" in sections
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.prefill = [tuple(int(v) for v in p.split("x")) for p in args.prefill.split(",")]
+    args.prefill = [tuple(int(v) for v in p.split("x")) for p in args.prefill.split(",") if p]
     device = torch.device("cuda")
     config = preset(args.preset)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -307,6 +392,9 @@ def main(argv=None) -> dict:
         free_memory()
     if "tune" in sections:
         res["tune"] = tune(config, device)
+        free_memory()
+    if "tune-decode" in sections:
+        res["tune_decode"] = tune_decode(config, device, bandwidth)
         free_memory()
     def save(engine: dict) -> None:  # after every row: a run cut short keeps what it measured
         args.out.parent.mkdir(parents=True, exist_ok=True)

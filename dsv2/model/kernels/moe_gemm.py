@@ -59,13 +59,14 @@ if triton is not None:
     @triton.jit
     def _moe_gemm_kernel(
         x_ptr, w_ptr, w_up_ptr, ws_ptr, ws_up_ptr, out_ptr, offsets_ptr, rows_ptr, scale_ptr, idx_ptr,
-        tickets_ptr, residual_ptr, sum_ptr, q_ptr, q_up_ptr, qs_ptr, qs_up_ptr,
+        tickets_ptr, residual_ptr, sum_ptr, q_ptr, q_up_ptr, qs_ptr, qs_up_ptr, xs_ptr, os_ptr,
         N, K, n_routed, n_experts, x_group, top_k,
         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-        stride_qe, stride_qn, stride_qk, stride_qse, stride_qsn, stride_qsk,
+        stride_qe, stride_qn, stride_qk, stride_qse, stride_qsn, stride_qsk, stride_xsm, stride_osm,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         SWIGLU: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, DIRECT: tl.constexpr,
         REDUCE: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr,
+        UNROLL: tl.constexpr, X_SCALED: tl.constexpr, OUT_SCALED: tl.constexpr, ROUND_BF16: tl.constexpr,
         USE_GDC: tl.constexpr,
     ):
         # Weights are [E, N, K] with K contiguous; experts past n_routed (the shared ones) come from
@@ -82,6 +83,10 @@ if triton is not None:
         # SCALED: the weights are FP8 and q_ptr / q_up_ptr (qs_ptr / qs_up_ptr for the shared experts)
         # their 128 x 128 block scales [E, N/128, K/128]; each K step (at most 128 deep, inside one
         # block) multiplies its partial product column by column by its block's scale.
+        # X_SCALED: x is already e4m3 with its 1 x 128 group scales at xs_ptr ([rows, K/128]), so no
+        # K step waits on a quantization. OUT_SCALED (SwiGLU, BLOCK_N 128): the output is stored as
+        # e4m3 with one scale per row and 128 columns at os_ptr, ready for the down GEMM's X_SCALED
+        # (rounded first to bf16 with ROUND_BF16, as an unquantized h would be stored).
         j = tl.program_id(0)
         pid_n = tl.program_id(1)
         pdl.grid_wait(USE_GDC)  # which experts are busy is the previous kernels' output
@@ -137,25 +142,32 @@ if triton is not None:
             x_ptrs = x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # dead unless SWIGLU
-            for k0 in range(0, K, BLOCK_K):
-                k_mask = offs_k < K - k0
-                xt = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w_mask = k_mask[:, None] & n_mask[None, :]
-                wt = tl.load(w_base + w_off + k0, mask=w_mask, other=0.0)
-                if SCALED:  # FP8 x FP8, x rounded per 128-group of each row as kernels/fp8_gemm.py does
-                    xq, xs = fp8_gemm.quant_groups(xt.to(tl.float32))
-                    q_off = (offs_n // 128) * q_n + (k0 // 128) * q_k
-                    qt = tl.load(q_base + q_off, mask=n_mask, other=0.0)
-                    acc += tl.dot(xq, wt) * (xs[:, None] * qt[None, :])
-                else:
-                    acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-                if SWIGLU:  # the up projection's tile in the same pass over K: x is read once
-                    ut = tl.load(u_base + w_off + k0, mask=w_mask, other=0.0)
+            for k_step in range(0, K, BLOCK_K * UNROLL):
+                for u in tl.static_range(UNROLL):  # FP8: several 128-deep blocks per step, more bytes in flight
+                    k0 = k_step + u * BLOCK_K
+                    k_mask = offs_k < K - k0
+                    xt = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    w_mask = k_mask[:, None] & n_mask[None, :]
+                    wt = tl.load(w_base + w_off + k0, mask=w_mask, other=0.0)
+                    if X_SCALED:
+                        xq = xt
+                        xs = tl.load(xs_ptr + x_rows.to(tl.int64) * stride_xsm + k0 // 128,
+                                     mask=row_mask & (k0 < K), other=0.0)
+                    elif SCALED:  # FP8 x FP8, x rounded per 128-group of each row as kernels/fp8_gemm.py does
+                        xq, xs = fp8_gemm.quant_groups(xt.to(tl.float32))
                     if SCALED:
-                        qt = tl.load(qu_base + q_off, mask=n_mask, other=0.0)
-                        acc_up += tl.dot(xq, ut) * (xs[:, None] * qt[None, :])
+                        q_off = (offs_n // 128) * q_n + (k0 // 128) * q_k
+                        qt = tl.load(q_base + q_off, mask=n_mask & (k0 < K), other=0.0)
+                        acc += tl.dot(xq, wt) * (xs[:, None] * qt[None, :])
                     else:
-                        acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
+                        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+                    if SWIGLU:  # the up projection's tile in the same pass over K: x is read once
+                        ut = tl.load(u_base + w_off + k0, mask=w_mask, other=0.0)
+                        if SCALED:
+                            qt = tl.load(qu_base + q_off, mask=n_mask & (k0 < K), other=0.0)
+                            acc_up += tl.dot(xq, ut) * (xs[:, None] * qt[None, :])
+                        else:
+                            acc_up = tl.dot(xt, ut, acc_up, input_precision=PRECISION)
             if SWIGLU:
                 acc = acc * tl.sigmoid(acc) * acc_up
             if SCATTER:
@@ -174,6 +186,13 @@ if triton is not None:
                         total = tl.sum(parts, 0) + tl.load(residual_ptr + offs_n, mask=n_mask).to(tl.float32)
                         tl.store(sum_ptr + offs_n, total.to(sum_ptr.dtype.element_ty), mask=n_mask)
                         tl.atomic_xchg(tickets_ptr + pid_n, 0)
+            elif OUT_SCALED:
+                if ROUND_BF16:
+                    acc = acc.to(tl.bfloat16).to(tl.float32)
+                hq, hs = fp8_gemm.quant_groups(acc)
+                out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+                tl.store(out_ptrs, hq, mask=row_mask[:, None] & n_mask[None, :])
+                tl.store(os_ptr + rows.to(tl.int64) * stride_osm + pid_n, hs, mask=row_mask)
             else:
                 out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + offs_n[None, :]
                 tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
@@ -200,6 +219,8 @@ def _block_m(rows: int, n_experts: int) -> int:
 
 
 MAX_TILES = 4096
+# FP8 weights, per GEMM: (BLOCK_N, 128-deep blocks per K step, warps, stages)
+FP8_CONFIG = {"swiglu": (32, 1, 4, 3), "down": (64, 1, 4, 4)}
 
 
 @functools.cache
@@ -216,12 +237,14 @@ def _sums_in_kernel(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
 
 
 def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scale=None, top_k=0, idx=None,
-            residual=None, total=None, w_scales=None, shared_scales=None):
+            residual=None, total=None, w_scales=None, shared_scales=None, x_scales=None, out_scales=None,
+            round_bf16=False):
     """out[M', N] <- the grouped GEMM of x's rows (sorted, or gathered through `rows`) by w [E, N, K]
     (and, past E, `shared` = (w, w_up) stacked as [S, N, K]-strided views). With `idx` (one token's
     topk_idx) instead of `rows` and `offsets`, its assignments are taken in place, unsorted; then
     with `residual` [1, N] the down GEMM also writes total[0] = residual + the sum of its rows.
-    `w_scales` (and `shared_scales`): (w's, w_up's) block scales [E, N/128, K/128] of FP8 weights."""
+    `w_scales` (and `shared_scales`): (w's, w_up's) block scales [E, N/128, K/128] of FP8 weights;
+    `x_scales`: x is e4m3 with these 1 x 128 scales; `out_scales`: out is written e4m3 with these."""
     n_routed, n, k = w.shape
     ws, ws_up = shared if shared is not None else (w, w_up)
     q, q_up = w_scales if w_scales is not None else (out, None)
@@ -236,6 +259,7 @@ def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scal
     assert x.shape[1] == k and ws.shape[1:] == (n, k), "x [M, K], w [E, N, K]"
     assert w_up is None or w_up.shape == w.shape, "w_gate and w_up must have the same shape"
     assert w.dtype == ws.dtype and (x.dtype == w.dtype or w_scales is not None), "x and the weights must share a dtype"
+    assert (x_scales is None and out_scales is None) or w_scales is not None, "FP8 activations need FP8 weights"
     assert k % 16 == 0 and n % 16 == 0, f"moe_gemm needs K and N multiples of 16, got K={k}, N={n}"
     assert x.stride(1) == w.stride(2) == ws.stride(2) == out.stride(1) == 1, "K and N must be contiguous"
     direct = idx is not None
@@ -252,9 +276,16 @@ def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scal
     # program, 3 stages of the two SwiGLU tiles, which hides HBM latency; the biggest bf16 case
     # (down, BLOCK_M 64: 4 x 32 KB) fits the H100's 227 KB of shared memory.
     block_n = min(32 if w_up is not None else 64, triton.next_power_of_2(n))
-    # (FP8 weights: runs of 128 bytes, one block's depth, so a K step takes one scale per column and
-    # one activation group per row)
-    block_k = min(128 if w_scales is not None else 256 // x.element_size(), triton.next_power_of_2(k))
+    block_k = min(256 // x.element_size(), triton.next_power_of_2(k))
+    unroll, warps, stages = 1, 4, 3 if w_up is not None else 4
+    if w_scales is not None:
+        # FP8 weights: K steps of `unroll` 128-deep blocks (a scale per column and an activation
+        # group per row for each); FP8_CONFIG measured by bench/fp8_engine_bench.py --sections tune-decode
+        block_n, unroll, warps, stages = FP8_CONFIG["swiglu" if w_up is not None else "down"]
+        block_n, block_k = min(block_n, triton.next_power_of_2(n)), min(128, triton.next_power_of_2(k))
+        if out_scales is not None:  # a program's columns are one 128-group of the output
+            assert n % 128 == 0, "an e4m3 output needs N a multiple of 128"
+            block_n = 128
     grid = (min(n_experts, m), triton.cdiv(n, block_n))
     reduce = residual is not None
     assert not reduce or (direct and scale is not None and grid[1] <= MAX_TILES), "REDUCE: one token's down GEMM"
@@ -262,17 +293,20 @@ def _launch(x, w, w_up, offsets, out, *, shared=None, rows=None, x_group=1, scal
         x, w, w if w_up is None else w_up, ws, ws if ws_up is None else ws_up, out,
         idx if direct else offsets, rows if rows is not None else out, out if scale is None else scale,
         idx if direct else out, _tickets(x.device) if reduce else out, residual if reduce else out,
-        total if reduce else out, q, q_up, qs, qs_up,
+        total if reduce else out, q, q_up, qs, qs_up, out if x_scales is None else x_scales,
+        out if out_scales is None else out_scales,
         n, k, n_routed, n_experts, x_group, top_k,
         x.stride(0), w.stride(0), w.stride(1), ws.stride(0), ws.stride(1), out.stride(0),
         *(q.stride() if w_scales is not None else (0, 0, 0)), *(qs.stride() if w_scales is not None else (0, 0, 0)),
+        0 if x_scales is None else x_scales.stride(0), 0 if out_scales is None else out_scales.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(n_experts),
         SWIGLU=w_up is not None,
         GATHER=(rows is not None or direct) and scale is None, SCATTER=scale is not None, DIRECT=direct,
         REDUCE=reduce, BLOCK_J=triton.next_power_of_2(x_group),
         # fp32 gets fp32 dots (not tf32): the fp32 path is the one tests hold to tight bounds
-        PRECISION="ieee" if x.dtype == torch.float32 else None, SCALED=w_scales is not None,
-        num_warps=4, num_stages=3 if w_up is not None else 4, **pdl.options(x))
+        PRECISION="ieee" if x.dtype == torch.float32 else None, SCALED=w_scales is not None, UNROLL=unroll,
+        X_SCALED=x_scales is not None, OUT_SCALED=out_scales is not None, ROUND_BF16=round_bf16,
+        num_warps=warps, num_stages=stages, **pdl.options(x))
     return out
 
 
@@ -308,16 +342,23 @@ def _fused_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, shared_gate, 
     # one token (batch-1 decode) needs no sort: a launch fewer for each MoE layer
     idx = topk_idx.contiguous() if n_tokens == 1 else None
     rows, offsets = (None, None) if idx is not None else moe_align(topk_idx, n_routed, n_shared)
-    h = x.new_empty(n_tokens * group, inter_dim)
-    _launch(x, w_gate, w_up, offsets, h, shared=gate_up_shared, rows=rows, x_group=group, idx=idx,
-            w_scales=gate_up_q, shared_scales=gate_up_shared_q)
+    if q_gate is not None and inter_dim % fp8.BLOCK == 0:
+        # FP8: x quantized once (not in every program's K steps), and h handed over in e4m3
+        xq, x_scales = fp8_gemm.act_quant(x)
+        h = torch.empty(n_tokens * group, inter_dim, dtype=FP8, device=x.device)
+        h_scales = torch.empty(n_tokens * group, inter_dim // fp8.BLOCK, dtype=torch.float32, device=x.device)
+    else:
+        xq, x_scales, h, h_scales = x, None, x.new_empty(n_tokens * group, inter_dim), None
+    _launch(xq, w_gate, w_up, offsets, h, shared=gate_up_shared, rows=rows, x_group=group, idx=idx,
+            w_scales=gate_up_q, shared_scales=gate_up_shared_q, x_scales=x_scales, out_scales=h_scales,
+            round_bf16=x.dtype == torch.bfloat16)
     out = torch.empty(n_tokens * group, dim, dtype=torch.float32, device=x.device)
     reduce = _sums_in_kernel(x, residual)  # one token: the unsorted (DIRECT) launches above
     total = torch.empty_like(residual) if reduce else None
     _launch(h, w_down, None, offsets, out, shared=down_shared, rows=rows, x_group=group,
             scale=topk_weight.float().contiguous(), top_k=top_k, idx=idx,
             residual=residual.contiguous() if reduce else None, total=total,
-            w_scales=down_q, shared_scales=down_shared_q)
+            w_scales=down_q, shared_scales=down_shared_q, x_scales=h_scales)
     return total if reduce else out.view(n_tokens, group, dim)
 
 

@@ -30,29 +30,29 @@ except ImportError:  # CPU-only installs use F.linear
     triton = None
 
 MAX_ROWS = 4  # from 4 rows on, cuBLAS's tensor-core tiles are as fast (bench/RESULTS.md)
+# FP8 weights: elements per K step of a program and the longest run of one row (bench/fp8_engine_bench.py
+# --sections tune-decode measures the choices)
+FP8_TILE = (4096, 1024, 4, 4)  # elements, run, warps, stages
 
 
 if triton is not None:
 
     @triton.jit
-    def _load_weights(w_ptrs, s_base, offs_n, k0, K, n_mask, k_mask, swk, stride_sn,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
-        """A [BLOCK_N, BLOCK_K] weight tile in fp32; SCALED (FP8): BLOCK_K is 128 and k0 a multiple of
-        it, so the tile lies in one block column and each row takes its block's scale."""
-        wt = tl.load(w_ptrs + k0 * swk, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        if SCALED:
-            s = tl.load(s_base + (offs_n // 128) * stride_sn + k0 // 128, mask=n_mask, other=0.0)
-            wt = wt * s[:, None]
-        return wt
-
-    @triton.jit
-    def _load_x(x_ptrs, k0, m_mask, k_mask, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr):
-        """A [BLOCK_M, BLOCK_K] tile of x in fp32; SCALED (BLOCK_K = 128, one group per row): rounded
-        to e4m3 as kernels/fp8_gemm.py's GEMMs round it (the same logits whichever kernel runs)."""
+    def _load_x(x_ptrs, s_ptrs, k0, K, m_mask, k_mask, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                SCALED: tl.constexpr):
+        """A [BLOCK_M, BLOCK_K] tile of x in fp32. SCALED (FP8 weights; BLOCK_K a multiple of 128 and
+        k0 of BLOCK_K; the program's weight rows inside one 128-row block, whose scales s_ptrs points
+        at): each 128-group of a row rounded to e4m3 as kernels/fp8_gemm.py's GEMMs round it (the
+        same logits whichever kernel runs), times its activation scale and its weight block's scale,
+        so that the raw e4m3 weights multiply it directly."""
         xt = tl.load(x_ptrs + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         if SCALED:
-            q, scale = fp8_gemm.quant_groups(xt)
-            xt = q.to(tl.float32) * scale[:, None]
+            GROUPS: tl.constexpr = BLOCK_K // 128
+            offs_g = tl.arange(0, GROUPS)
+            q, x_scale = fp8_gemm.quant_groups(tl.reshape(xt, (BLOCK_M * GROUPS, 128)))
+            w_scale = tl.load(s_ptrs + k0 // 128 + offs_g, mask=k0 + offs_g * 128 < K, other=0.0)
+            scale = tl.reshape(tl.reshape(x_scale, (BLOCK_M, GROUPS)) * w_scale[None, :], (BLOCK_M * GROUPS,))
+            xt = tl.reshape(q.to(tl.float32) * scale[:, None], (BLOCK_M, BLOCK_K))
         return xt
 
     @triton.jit
@@ -79,18 +79,20 @@ if triton is not None:
         n_mask = offs_n < n_cols
         x_ptrs = x_ptr + b * stride_xb + offs_m[:, None] * stride_xm + offs_k[None, :]  # [M, K]
         w_ptrs = w_base + offs_n[:, None].to(tl.int64) * swn + offs_k[None, :] * swk  # [N, K]
+        s_ptrs = s_base + (col0 // 128) * ssn  # SCALED: BLOCK_N divides 128, one block row
         acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
         k_start = 0
         if USE_GDC:  # pdl.py: the first weight block is requested before waiting for x
-            wt = _load_weights(w_ptrs, s_base, offs_n, 0, K, n_mask, offs_k < K, swk, ssn, BLOCK_N, BLOCK_K, SCALED)
+            k_mask = offs_k < K
+            wt = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
             pdl.grid_wait(USE_GDC)
-            xt = _load_x(x_ptrs, 0, m_mask, offs_k < K, BLOCK_M, BLOCK_K, SCALED)
+            xt = _load_x(x_ptrs, s_ptrs, 0, K, m_mask, k_mask, BLOCK_M, BLOCK_K, SCALED)
             acc += xt[:, None, :] * wt[None, :, :]
             k_start = BLOCK_K
         for k0 in range(k_start, K, BLOCK_K):
             k_mask = offs_k < K - k0
-            xt = _load_x(x_ptrs, k0, m_mask, k_mask, BLOCK_M, BLOCK_K, SCALED)
-            wt = _load_weights(w_ptrs, s_base, offs_n, k0, K, n_mask, k_mask, swk, ssn, BLOCK_N, BLOCK_K, SCALED)
+            xt = _load_x(x_ptrs, s_ptrs, k0, K, m_mask, k_mask, BLOCK_M, BLOCK_K, SCALED)
+            wt = tl.load(w_ptrs + k0 * swk, mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
             acc += xt[:, None, :] * wt[None, :, :]
         out = tl.sum(acc, axis=2)
         o_ptrs = o_base + offs_m[:, None] * som + offs_n[None, :]
@@ -129,10 +131,13 @@ def _launch(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, scales: l
     out_dtype = out_dtype or w.dtype
     out = x.new_empty(bsz, m, n, dtype=out_dtype)
     out2 = x.new_empty(m, n2, dtype=out_dtype) if w2 is not None else out
+    warps, stages = 4, 4
     if scales is not None:
-        # FP8: a K step is one 128-deep block column (one weight scale per row, one activation
-        # group per row of x) of 16 rows: 2 KB of weights, as the bf16 steps read
-        block_k, block_n = 128, 16
+        # FP8: runs of FP8_TILE's elements (whole 128-groups) of as many rows as make its bytes, at
+        # most a 128-row block (the rows of a program share their block scales)
+        elements, run, warps, stages = FP8_TILE
+        block_k = max(128, min(run, triton.next_power_of_2(k)))
+        block_n = min(128, max(1, elements // block_k))
     elif w.stride(-1) == 1:
         # 1,024-element (2 KB) runs of two weight rows per K step; shorter rows take more of them
         block_k = min(1024, triton.next_power_of_2(k))
@@ -149,7 +154,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, scales: l
         out.stride(0), out.stride(1),
         w_other.stride(0), out2.stride(0), s.stride(0), s2.stride(0),
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k, SCALED=scales is not None,
-        num_warps=4, num_stages=4, **pdl.options(x))
+        num_warps=warps, num_stages=stages, **pdl.options(x))
     return [out] if w2 is None else [out, out2]
 
 
@@ -219,7 +224,8 @@ def linears(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     where it applies (a few rows, no biases; nn.Linear, or FP8 linears with their block scales
     read in the kernel), by the layers themselves otherwise, so training and prefill run exactly the modules."""
     weights = [layer.weight for layer in layers]
-    if all(layer.bias is None for layer in layers):
+    # `fusable = False`: a layer whose forward does more than its matmul (engine/tensor_parallel.py)
+    if all(layer.bias is None and getattr(layer, "fusable", True) for layer in layers):
         rows = x.reshape(1, -1, x.shape[-1])
         scales = [getattr(layer, "weight_scale_inv", None) for layer in layers]
         if all(s is not None for s in scales):
