@@ -5,8 +5,8 @@
 Three rows on the same GPU, in one run, with the same model, batch and sequence length:
 - `bench/train_bench.py`'s dsv2 step (the figure bench/RESULTS.md carries for training);
 - `python -m dsv2 train`: the training loop in one process (whole model compiled);
-- `torchrun --nproc-per-node 1 -m dsv2 train`: the loop as N processes run it, on NCCL with the model
-  wrapped by FSDP2 (bf16 parameters, fp32 reduction) and compiled per block.
+- `torchrun --nproc-per-node 1 -m dsv2 train`: the loop under torchrun, in a NCCL process group of
+  one (which trains without FSDP2's wrapping unless parallel.cpu_offload asks for it).
 The loop rows train on the built-in corpus (`dsv2 data prepare --builtin`); their tokens/s is the
 loop's own (metrics.jsonl), over the windows after the first (which holds compilation). MFU counts
 as train_bench does (6 x activated parameters + attention, over the dense bf16 peak).
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         config_path = _loop_config(tmp, args)
         res["rows"].append(loop_row("dsv2 train, one process", [sys.executable, "-m", "dsv2"], config_path,
                                     tmp / "one", flops, peak))
-        res["rows"].append(loop_row("torchrun --nproc-per-node 1 (NCCL, FSDP2)",
+        res["rows"].append(loop_row("torchrun --nproc-per-node 1 (NCCL)",
                                     [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                      "--nproc-per-node", "1", "-m", "dsv2"], config_path, tmp / "fsdp", flops, peak))
     args.out.parent.mkdir(parents=True, exist_ok=True)

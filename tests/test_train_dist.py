@@ -35,9 +35,8 @@ def _config(tmp: Path, data: Path) -> Path:
     return path
 
 
-def _train(config: Path, out: Path, world: int, *extra: str, launched: bool = False) -> None:
-    """`world` processes under torchrun; one plain process for world 1 unless `launched`."""
-    launcher = [sys.executable, "-m", "dsv2"] if world == 1 and not launched else [
+def _train(config: Path, out: Path, world: int, *extra: str) -> None:
+    launcher = [sys.executable, "-m", "dsv2"] if world == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
         "-m", "dsv2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -96,7 +95,6 @@ def _resume_from_step_5(run: Path, copy: Path) -> None:
 @pytest.mark.parametrize("source, world", [
     ((2, 1), (2, 1)), ((2, 2), (2, 2)),  # the same layout: bit-exact
     ((2, 1), (1, 1)), ((1, 1), (2, 1)),  # DCP reshards; a single-process checkpoint's optimizer by name
-    ((2, 1), (1, 1, "torchrun")),  # one process under torchrun: FSDP2 over a world of one
     ((2, 2), (2, 1)), ((1, 1), (2, 2)),  # expert parts regrouped for another ep
 ])
 def test_resume_on_the_same_or_another_layout(runs, tmp_path, source, world):
@@ -104,11 +102,8 @@ def test_resume_on_the_same_or_another_layout(runs, tmp_path, source, world):
     config, out = runs
     resumed = tmp_path / f"from{source}to{world}"
     _resume_from_step_5(out[source], resumed)
-    _train(config, resumed, world[0], *([f"parallel.ep={world[1]}"] if world[1] > 1 else []), "--resume",
-           launched=len(world) > 2)
+    _train(config, resumed, world[0], *([f"parallel.ep={world[1]}"] if world[1] > 1 else []), "--resume")
     a, b = _metrics(out[source]), _metrics(resumed)
-    if len(world) > 2:  # sharded from there on
-        assert (resumed / "checkpoints" / "step-00000010" / "dcp").is_dir()
     assert sorted(b) == list(range(1, STEPS + 1))
     if source == world:  # the same sums in the same order: bit-exact, as one process resumes
         assert all(a[s]["loss"] == b[s]["loss"] and a[s]["grad_norm"] == b[s]["grad_norm"] for s in a)

@@ -93,7 +93,12 @@ class Trainer:
             raise ValueError(f"parallel.ep = {parallel.ep} needs that many processes at least (torchrun)")
         if parallel.cpu_offload and not self.dist.launched:
             raise ValueError("parallel.cpu_offload is FSDP2's: run under torchrun (--nproc-per-node 1 for one GPU)")
-        self.sharded = self.dist.launched
+        if parallel.cpu_offload and self.device.type != "cuda":
+            raise ValueError("parallel.cpu_offload keeps a GPU run's parameters and optimizer state in host "
+                             "memory: it needs CUDA (this run is on the CPU)")
+        # FSDP2 on several processes, or on one for its CPU offload; a world of one otherwise runs the
+        # plain loop (FSDP2's wrapping cost 30% of one H200's throughput, bench/RESULTS.md)
+        self.sharded = self.dist.launched and (self.dist.world > 1 or parallel.cpu_offload)
         if self.sharded:
             if cfg.compile:  # per block, before sharding (torchtitan's order): FSDP2's hooks stay outside
                 for block in self.model.layers:

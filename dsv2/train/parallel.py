@@ -66,8 +66,8 @@ class Dist:
     rank: int
     world: int
     device: torch.device
-    # launched by torchrun (a process group, even of one): the model is sharded with FSDP2 and
-    # checkpoints are DCP's, so `torchrun --nproc-per-node 1` runs the path that N processes run
+    # launched by torchrun: a process group, even of one (whose training shards with FSDP2 only
+    # for parallel.cpu_offload)
     launched: bool = False
 
     @property
