@@ -19,7 +19,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from .config import ModelConfig
 from .model import Transformer, fp8
 from .model.fp8_layers import quantize_model_
 from .model.kernels.fp8_gemm import warn_if_unsupported
+from .model.tensor_parallel import Shard, shard_
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -234,11 +235,14 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     quantization: str | None = "auto",
+    tensor_parallel=None,
 ) -> Transformer:
     """Load an HF-format DeepSeek-V2 directory; dtype (of the activations and the unquantized
     weights) defaults to the checkpoint's torch_dtype. quantization: "auto" holds the weights as
     the checkpoint stores them (FP8 or not), "fp8" holds them in FP8 (quantizing a bf16 checkpoint
-    as it loads), "none" (or None) in `dtype` (dequantizing an FP8 one: training, references)."""
+    as it loads), "none" (or None) in `dtype` (dequantizing an FP8 one: training, references).
+    `tensor_parallel`: a process group (or "world" for the default one): this rank's part of the
+    model (model/tensor_parallel.py), reading only its slices of the files."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
@@ -255,6 +259,9 @@ def load_model(
         if quantization == "fp8" or (quantization == "auto" and quantized):
             quantize_model_(model)
     plan = _plan(_targets(model), found, config, quantized)
+    held: dict[str, Shard] = {}
+    if tensor_parallel is not None:
+        held = shard_(model, None if tensor_parallel == "world" else tensor_parallel)
     model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -267,15 +274,19 @@ def load_model(
         for fname in sorted(by_file):
             with open_shard(path / fname) as f:
                 for c in by_file[fname]:
-                    tensor = read_tensor(f, path / fname, c.key)
+                    target, part = _held_part(c.target, held.get(c.target.param))
+                    if target is None:
+                        continue  # another rank's expert
+                    tensor = read_tensor(f, path / fname, c.key, part)
                     scale = None
                     if c.scale is not None:
+                        scale_part = part and part.blocks(target.shape[part.dim], c.key)
                         if c.scale_file == fname:
-                            scale = read_tensor(f, path / fname, c.scale)
+                            scale = read_tensor(f, path / fname, c.scale, scale_part)
                         else:
                             with open_shard(path / c.scale_file) as g:
-                                scale = read_tensor(g, path / c.scale_file, c.scale)
-                    _place(c.target, tensor, scale, params)
+                                scale = read_tensor(g, path / c.scale_file, c.scale, scale_part)
+                    _place(target, tensor, scale, params)
                     del tensor
     if quantization == "fp8" or (quantization == "auto" and quantized):
         warn_if_unsupported(device)  # FP8 weights on a GPU without FP8: weight-only dequantization
@@ -309,9 +320,25 @@ def _place(target: _Target, tensor: torch.Tensor, scale: torch.Tensor | None, pa
     target.scale_view(param_scale).copy_(s)
 
 
-def read_tensor(f, file: Path, key: str) -> torch.Tensor:
+def _held_part(target: _Target, shard: Shard | None) -> tuple[_Target | None, Shard | None]:
+    """What this rank reads of a checkpoint tensor: (its target, the part of the tensor); no target
+    for another rank's expert, no part for a whole tensor."""
+    if shard is None:
+        return target, None
+    if target.expert is not None:  # one expert of a stacked parameter split by experts
+        if not shard.start <= target.expert < shard.stop:
+            return None, None
+        return replace(target, expert=target.expert - shard.start), None
+    return target, shard  # a linear's rows or columns, or a run of transformers' packed experts
+
+
+def read_tensor(f, file: Path, key: str, part: Shard | None = None) -> torch.Tensor:
+    """A tensor of an open shard, or `part` of it (read from the file alone)."""
     try:
-        return f.get_tensor(key)
+        if part is None:
+            return f.get_tensor(key)
+        index = (slice(None),) * part.dim + (slice(part.start, part.stop),)
+        return f.get_slice(key)[index]
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: cannot read tensor {key!r}: {e}") from None
 
