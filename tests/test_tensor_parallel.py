@@ -82,3 +82,91 @@ def test_what_does_not_split_is_named():
         check_config(preset("dsv2-tiny-mha"), 2)
     with pytest.raises(ValueError, match="n_routed_experts = 8 does not split over tensor_parallel_size 16"):
         check_config(preset("dsv2-tiny", num_attention_heads=16, vocab_size=512, intermediate_size=160), 16)
+
+
+def _engine_llm(**kw):
+    from dsv2.cli import bundled_model_dir
+    from dsv2.engine import LLM
+
+    # a cache too small for every request at once (preemption), chunked prefill, prefix caching
+    base = dict(device="cpu", block_size=8, num_blocks=48, max_num_batched_tokens=48, max_num_seqs=12,
+                max_model_len=160)
+    return LLM(bundled_model_dir(), **{**base, **kw})
+
+
+def _engine_requests():
+    import random
+
+    from dsv2.engine import SamplingParams
+
+    rng = random.Random(0)
+    shared = [rng.randrange(2, 8192) for _ in range(16)]  # a common prefix: prefix-cache hits
+    prompts = [{"prompt_token_ids": shared[: rng.choice([0, 8, 16])] + [rng.randrange(2, 8192)
+                                                                        for _ in range(rng.randrange(1, 40))]}
+               for _ in range(24)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 20), ignore_eos=True) for _ in prompts]
+    params[::5] = [SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_tokens=10, ignore_eos=True, n=2)
+                   for i in range(len(params[::5]))]
+    return prompts, params
+
+
+def _tokens(outs):
+    return [[o.token_ids for o in out.outputs] for out in outs]
+
+
+@pytest.fixture(scope="module")
+def one_process_tokens():
+    prompts, params = _engine_requests()
+    llm = _engine_llm()
+    outs = llm.generate(prompts, params)
+    assert llm.engine.scheduler.num_preemptions > 0 and sum(o.num_cached_tokens for o in outs) > 0
+    return _tokens(outs)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_engine_over_several_processes_gives_the_same_tokens(one_process_tokens, world):
+    """LLM(tensor_parallel_size=N) starts N-1 workers (gloo on the CPU); with preemption, prefix hits,
+    chunked prefill and seeded sampling, every request's tokens are the single-process engine's. At
+    world 4 the bundled model's 4 expert groups sit one per rank (device-limited routing)."""
+    prompts, params = _engine_requests()
+    with _engine_llm(tensor_parallel_size=world) as llm:
+        outs = llm.generate(prompts, params)
+        assert llm.engine.scheduler.num_preemptions > 0
+        procs = llm.workers.procs
+    assert _tokens(outs) == one_process_tokens
+    assert all(p.exitcode == 0 for p in procs)  # stopped by the leader, not killed
+
+
+def test_a_dead_worker_fails_the_engine_with_its_name():
+    import os
+    import signal
+    import time
+
+    from dsv2.engine import SamplingParams
+
+    llm = _engine_llm(tensor_parallel_size=2)
+    worker = llm.workers.procs[0]
+    llm.generate("warm", SamplingParams(max_tokens=2))
+    os.kill(worker.pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"tensor-parallel worker 1 \(pid \d+\) died with exit code -9"):
+        llm.generate(["after"] * 4, SamplingParams(max_tokens=8))
+    assert time.monotonic() - start < 15
+    llm.close()
+    assert not worker.is_alive()
+
+
+def test_serve_with_two_processes_answers_the_openai_client():
+    import openai
+
+    from .server_util import running_server
+
+    with running_server("--tensor-parallel-size", "2", "--max-model-len", "256", "--num-blocks", "64") as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        two = client.completions.create(model="dsv2-bundled", prompt="Once upon a time", max_tokens=12,
+                                        temperature=0.0)
+    with _engine_llm() as llm:
+        from dsv2.engine import SamplingParams
+
+        one = llm.generate("Once upon a time", SamplingParams(max_tokens=12, temperature=0.0))[0]
+    assert two.choices[0].text == one.outputs[0].text

@@ -164,3 +164,5 @@ class AsyncLLM:
         whatever is left (every cache page free)."""
         self._commands.put(("stop", None))
         self._thread.join(timeout=timeout)
+        if not self._thread.is_alive():  # a step still running holds the workers
+            self._llm.close()

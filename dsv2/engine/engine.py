@@ -7,10 +7,12 @@ pages of finished sequences. abort_request frees a request's pages at once.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -90,9 +92,12 @@ class _Step:
 
 class LLMEngine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, cfg: EngineConfig,
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, tp_group=None):
         """tokenizer None: token ids in and out only (no text, no stop strings, no EOS), as for
-        benchmarks over random weights."""
+        benchmarks over random weights. `tp_group`: the process group a tensor-parallel model is
+        split over (engine/workers.py); this engine leads it from its rank 0, and every rank
+        builds an engine of the same shape (its cache sized for the rank with the least memory)."""
+        self.tp_group = tp_group
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_token_id = tokenizer.eos_token_id if tokenizer is not None else None
@@ -102,6 +107,10 @@ class LLMEngine:
         param = next(model.parameters())
         cache_dtype = cache_dtype or param.dtype
         num_blocks = cfg.num_blocks or self._size_cache(param.device, cache_dtype)
+        if tp_group is not None:  # every rank's cache holds the same blocks
+            least = torch.tensor([num_blocks], device=param.device)
+            dist.all_reduce(least, dist.ReduceOp.MIN, group=tp_group)
+            num_blocks = int(least)
         if num_blocks * cfg.block_size < self.max_model_len:
             raise ValueError(f"the KV cache holds {num_blocks * cfg.block_size} tokens, fewer than "
                              f"max_model_len ({self.max_model_len}): lower max_model_len or give it more memory")
@@ -112,13 +121,16 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pages, cfg.max_num_seqs, self.max_model_len,
                                   cuda_graphs=not cfg.enforce_eager, compile=cfg.compile,
                                   compile_prefill=cfg.compile_prefill,
-                                  max_graph_tokens=2 * cfg.max_num_batched_tokens)
+                                  max_graph_tokens=2 * cfg.max_num_batched_tokens, tp_group=tp_group)
         self.sampler = Sampler()
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, str | None] = {}
         self._ids = itertools.count()
         self._arrival = itertools.count()
         self._inflight: _Step | None = None
+        # a tensor-parallel engine's workers (engine/workers.py): `check` raises if one died, and the
+        # engine holds it while a step runs (a step stuck on a dead worker ends the process)
+        self.guard = None
 
     def _size_cache(self, device: torch.device, dtype: torch.dtype) -> int:
         bs, mc = self.cfg.block_size, self.model.config
@@ -180,12 +192,17 @@ class LLMEngine:
         input is the token still in flight takes it on the device. A batch that reads token
         history on the host (penalties) or asks for top or prompt logprobs runs synchronously.
         A failure while running the batch raises StepError naming the requests it leaves broken."""
+        if self.guard is not None:
+            self.guard.check()
         batch = self.scheduler.schedule()
         prior = self._inflight
         try:
-            return self._step(batch)
+            with self.guard or contextlib.nullcontext():
+                return self._step(batch)
         except Exception as e:
             self._inflight = None
+            if self.guard is not None:
+                self.guard.check(e)  # a dead worker ends the engine, not just this step
             failed = {seq.request_id for seq, _ in batch.items}
             failed |= {seq.request_id for seq in prior.seqs} if prior is not None else set()
             raise StepError(sorted(failed & self.requests.keys()), e) from e

@@ -8,22 +8,49 @@
 
 from __future__ import annotations
 
+import atexit
+import inspect
 import itertools
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from ..checkpoint import load_model, random_model
 from ..config import ModelConfig
+from ..model.tensor_parallel import check_config
 from ..tokenizer import Tokenizer
 from .engine import EngineConfig, LLMEngine, RequestOutput
 from .params import SamplingParams
+from .workers import ModelSpec, Workers, build_model, follow_forever, local_device
 
 # "auto" follows the model's dtype; "fp8" and "6bit" quantize the latent cache (engine/cache.py)
 _KV_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
               "fp8": "fp8", "6bit": "6bit"}
+
+
+def _spec(model, dtype, device, max_num_seqs, max_model_len, max_num_batched_tokens, gpu_memory_utilization,
+          kv_cache_dtype, block_size, num_blocks, enable_prefix_caching, enforce_eager, async_scheduling, load_format,
+          compile, quantization) -> ModelSpec:
+    """LLM's settings checked, as every rank of an engine builds from them."""
+    if load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format {load_format!r}: expected 'auto' or 'dummy'")
+    if kv_cache_dtype not in _KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: expected one of {', '.join(_KV_DTYPES)}")
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"quantization {quantization!r}: expected None or 'fp8'")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_dtype = None if dtype == "auto" else dtype
+    if model_dtype is None and device == "cpu":
+        model_dtype = "float32"  # CPU matmuls in bf16 are slow and gain nothing here
+    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                       max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+                       num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization,
+                       enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+                       async_scheduling=async_scheduling, compile=compile, compile_prefill=compile)
+    return ModelSpec(str(model), device, model_dtype, quantization, load_format, cfg, _KV_DTYPES[kv_cache_dtype])
 
 
 class LLM:
@@ -45,33 +72,39 @@ class LLM:
         load_format: str = "auto",
         compile: bool = True,
         quantization: str | None = None,
+        tensor_parallel_size: int = 1,
     ):
         """load_format "dummy" (as vLLM's) gives random weights of the directory's config.json
         shape, for benchmarks of released shapes without their checkpoints. compile=False keeps
         the CUDA graphs but skips torch.compile (no compile time at new step shapes).
         quantization="fp8" holds the weights in FP8 (docs/quantization.md), quantizing a bf16
-        checkpoint as it loads; None takes what the checkpoint stores (an FP8 checkpoint stays FP8)."""
-        if load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format {load_format!r}: expected 'auto' or 'dummy'")
-        if kv_cache_dtype not in _KV_DTYPES:
-            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: expected one of {', '.join(_KV_DTYPES)}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model_dtype = None if dtype == "auto" else dtype
-        if model_dtype is None and device == "cpu":
-            model_dtype = "float32"  # CPU matmuls in bf16 are slow and gain nothing here
-        if quantization not in (None, "fp8"):
-            raise ValueError(f"quantization {quantization!r}: expected None or 'fp8'")
-        if load_format == "dummy":
-            self.model = random_model(ModelConfig.from_hf(model), device, model_dtype, quantization=quantization)
+        checkpoint as it loads; None takes what the checkpoint stores (an FP8 checkpoint stays FP8).
+        tensor_parallel_size=N splits the model over N GPUs (N processes on the CPU): this process
+        is rank 0 and starts the other N-1 itself (engine/workers.py, docs/parallel.md); under
+        torchrun with N processes it joins their process group instead."""
+        spec = _spec(model, dtype, device, max_num_seqs, max_model_len, max_num_batched_tokens, gpu_memory_utilization,
+                     kv_cache_dtype, block_size, num_blocks, enable_prefix_caching, enforce_eager, async_scheduling,
+                     load_format, compile, quantization)
+        self.workers = None
+        tp_group = None
+        if tensor_parallel_size != 1:
+            check_config(ModelConfig.from_hf(model), tensor_parallel_size)
+            if not dist.is_initialized():
+                self.workers = Workers(tensor_parallel_size, spec)
+                atexit.register(self.close)
+            elif dist.get_world_size() != tensor_parallel_size or dist.get_rank() != 0:
+                raise ValueError(f"tensor_parallel_size {tensor_parallel_size} in a process group of "
+                                 f"{dist.get_world_size()} (this is rank {dist.get_rank()}): the engine's "
+                                 "group is the whole world, led by rank 0")
+            tp_group = dist.group.WORLD
+            self.model = build_model(spec, local_device(spec.device, 0))
+        elif load_format == "dummy":
+            self.model = random_model(ModelConfig.from_hf(model), spec.device, spec.dtype, quantization=quantization)
         else:
-            self.model = load_model(model, device=device, dtype=model_dtype, quantization=quantization or "auto")
+            self.model = load_model(model, device=spec.device, dtype=spec.dtype, quantization=quantization or "auto")
         self.tokenizer = Tokenizer.from_dir(model)
-        cfg = EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                           max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-                           num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization,
-                           enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
-                           async_scheduling=async_scheduling, compile=compile, compile_prefill=compile)
-        self.engine = LLMEngine(self.model, self.tokenizer, cfg, _KV_DTYPES[kv_cache_dtype])
+        self.engine = LLMEngine(self.model, self.tokenizer, spec.engine, spec.cache_dtype, tp_group=tp_group)
+        self.engine.guard = self.workers
         self._ids = itertools.count()
 
     def generate(
@@ -114,6 +147,28 @@ class LLM:
         prompts = [{"prompt_token_ids": self.tokenizer.apply_chat_template(c, add_generation_prompt=True)}
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    @staticmethod
+    def follow(model: str | Path, **kwargs) -> None:
+        """Rank r > 0 of a torchrun launch (`torchrun --nproc-per-node N -m dsv2 serve ...`): build
+        this rank's part of the engine that rank 0's `LLM(model, tensor_parallel_size=N, **kwargs)`
+        leads, and run its steps until rank 0 stops."""
+        bound = inspect.signature(LLM.__init__).bind(None, model, **kwargs)
+        bound.apply_defaults()
+        args = dict(bound.arguments)
+        del args["self"], args["tensor_parallel_size"]
+        follow_forever(_spec(**args), dist.get_rank())
+
+    def close(self) -> None:
+        """Stop a tensor-parallel engine's workers (also at exit); nothing to do on one device."""
+        if self.workers is not None:
+            self.workers.close(self.engine.runner)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

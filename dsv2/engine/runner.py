@@ -20,6 +20,7 @@ from array import array
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..model import Transformer
@@ -260,6 +261,25 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
+@dataclass
+class StepPlan:
+    """What every rank of a tensor-parallel engine needs to run a step the leader scheduled: the
+    packed inputs' layout and how the step runs (its graph's key, or none to run it uncaptured)."""
+
+    rows: int  # real rows (the graph's batch may be larger)
+    width: int
+    table_width: int
+    padded_rows: int
+    decode: bool
+    fresh: bool
+    key: tuple | None = None
+    every_position: bool = False
+
+    def layout(self) -> StepInputs:
+        size = self.padded_rows * (3 * self.width + self.table_width + 2)
+        return StepInputs(torch.empty(size, dtype=torch.long), self.padded_rows, self.width, self.table_width)
+
+
 class StepGraph:
     """One step captured for a fixed shape: a decode batch size, or a prefill's rows and width
     (each row padded to the width), with its block-table width."""
@@ -288,8 +308,13 @@ class StepGraph:
 class ModelRunner:
     def __init__(self, model: Transformer, pages: PagedLatentCache, max_num_seqs: int = 256,
                  max_model_len: int | None = None, use_kernel: bool = True, cuda_graphs: bool = True,
-                 compile: bool = True, compile_prefill: bool = True, max_graph_tokens: int = 8192):
+                 compile: bool = True, compile_prefill: bool = True, max_graph_tokens: int = 8192,
+                 tp_group=None):
+        """`tp_group`: the process group of a tensor-parallel model (model/tensor_parallel.py); its
+        rank 0 (the leader) schedules and sends each step's plan and inputs to the others, which
+        run it in `follow`."""
         self.model = model
+        self.tp_group = tp_group
         self.pages = pages
         self.scratch = pages.num_blocks - 1
         self.device = next(model.parameters()).device
@@ -361,9 +386,11 @@ class ModelRunner:
         """As `run`, and the logits at every position too, for prompt logprobs: ([B, V] at each
         row's last token, [B, W, V] where row i's first n_i positions are its chunk). One uncaptured
         prefill-form step over all the rows: such steps are for scoring, not for speed."""
-        views = self._uncaptured_views(items, max(n for _, n in items),
-                                       max(len(seq.block_table) for seq, _ in items), pending)
+        width, table_width = max(n for _, n in items), max(len(seq.block_table) for seq, _ in items)
         fresh = self.fresh_prefill and all(s.num_computed_tokens == 0 for s, _ in items)
+        plan = StepPlan(len(items), width, table_width, len(items), False, fresh, every_position=True)
+        views, packed = self._uncaptured_views(items, width, table_width, pending)
+        self._lead(plan, packed)
         logits = self.forward(views, decode=False, fresh=fresh, every_position=True)
         return logits[torch.arange(len(items), device=logits.device), views[-1]], logits
 
@@ -403,24 +430,76 @@ class ModelRunner:
                 table_width = min(max(16, 1 << (table_width - 1).bit_length()),
                                   max(self.max_table_width, table_width))
                 inputs = self._pack(items, size, padded, table_width, rows_of)
-                key = (size, padded, table_width, fresh)
-                graph = self.graphs.get(key)
-                if graph is None:
-                    if self._pool is None:
-                        self._pool = torch.cuda.graph_pool_handle()
-                    step = self._decode_step if decode else functools.partial(self._prefill_step, fresh=fresh)
-                    graph = self.graphs[key] = StepGraph(step, inputs, self.device, self._pool)
-                return graph.replay(inputs, in_flight)[:rows]
-        views = self._uncaptured_views(items, width, table_width, pending)
+                plan = StepPlan(rows, padded, table_width, size, decode, fresh, key=(size, padded, table_width, fresh))
+                if self.tp_group is None:
+                    return self._graph(plan, inputs).replay(inputs, in_flight)[:rows]
+                packed = inputs.packed.to(self.device, non_blocking=True)
+                inputs.fill_pending(packed, in_flight)
+                self._lead(plan, packed)
+                return self._replay(plan, packed)
+        views, packed = self._uncaptured_views(items, width, table_width, pending)
+        self._lead(StepPlan(rows, width, table_width, rows, decode, fresh), packed)
         return self.forward(views, decode=decode, fresh=fresh)
 
-    def _uncaptured_views(self, items, width: int, table_width: int, pending) -> tuple[torch.Tensor, ...]:
-        """A step's inputs on the device at its own shape, for a step run without a graph."""
+    def _graph(self, plan: StepPlan, inputs: StepInputs) -> StepGraph:
+        graph = self.graphs.get(plan.key)
+        if graph is None:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            step = self._decode_step if plan.decode else functools.partial(self._prefill_step, fresh=plan.fresh)
+            graph = self.graphs[plan.key] = StepGraph(step, inputs, self.device, self._pool)
+        return graph
+
+    def _replay(self, plan: StepPlan, packed: torch.Tensor) -> torch.Tensor:
+        """A captured step from inputs already on the device (tensor parallel: every rank's copy)."""
+        graph = self.graphs.get(plan.key)
+        if graph is None:  # captured from these inputs, in step with the other ranks
+            layout = plan.layout()
+            graph = self._graph(plan, StepInputs(packed.cpu(), layout.rows, layout.width, layout.table_width))
+        graph.packed.copy_(packed)
+        graph.graph.replay()
+        return graph.logits[:plan.rows]
+
+    # --- tensor parallel: the leader's plans, followed by every other rank ------------------------
+    def _lead(self, plan: StepPlan, packed: torch.Tensor) -> None:
+        """Send a step's plan and its packed inputs (on the device) to the other ranks."""
+        if self.tp_group is None:
+            return
+        dist.broadcast_object_list([plan], src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+        dist.broadcast(packed, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+
+    def stop_followers(self) -> None:
+        """The leader's last word: every follower returns from `follow`."""
+        if self.tp_group is not None:
+            dist.broadcast_object_list([None], src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """A follower's life: run each step the leader plans, until it says stop."""
+        src = dist.get_global_rank(self.tp_group, 0)
+        while True:
+            box = [None]
+            dist.broadcast_object_list(box, src=src, group=self.tp_group)
+            plan: StepPlan | None = box[0]
+            if plan is None:
+                return
+            packed = plan.layout().packed.to(self.device)
+            dist.broadcast(packed, src=src, group=self.tp_group)
+            if plan.key is not None:
+                self._replay(plan, packed)
+            else:
+                views = plan.layout().views(packed)
+                self.forward(views, decode=plan.decode, fresh=plan.fresh, every_position=plan.every_position)
+
+    def _uncaptured_views(self, items, width: int, table_width: int,
+                          pending) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """A step's inputs on the device at its own shape, for a step run without a graph: the
+        views the model takes, and the one tensor they are views of."""
         in_flight, rows_of = pending if pending is not None else (None, None)
         inputs = self._pack(items, len(items), width, table_width, rows_of)
         packed = inputs.packed.to(self.device, non_blocking=True)
         inputs.fill_pending(packed, in_flight)
-        return inputs.views(packed)
+        return inputs.views(packed), packed
 
     def _pack(self, items, rows: int, width: int, table_width: int, rows_of) -> StepInputs:
         return pack_inputs(items, rows, width, table_width, self.pages.block_size, self.scratch, rows_of, self.device)

@@ -29,6 +29,9 @@ def register(sub) -> None:
                    help="hold the weights in FP8 (a bf16 checkpoint is quantized as it loads; an FP8 "
                         "checkpoint, from `dsv2 quantize`, is FP8 without this flag)")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache pages (default: sized from memory)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="GPUs (CPU processes) the model is split over; this process starts the others "
+                        "(under torchrun: the launched processes, default their number; docs/parallel.md)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no compilation")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip compiling and capturing the step kinds at startup (CUDA): the first "
@@ -58,8 +61,12 @@ def register(sub) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    import torch.distributed as dist
+
     from ..cli import bundled_model_dir
     from ..engine.async_llm import AsyncLLM
+    from ..engine.llm import LLM
+    from ..engine.workers import join_torchrun, launched_by_torchrun
     from .app import Server, create_app
     from .lifecycle import ServeProcess
     from .limits import Limits, default_max_request_bytes, guarded_http, raise_open_files_limit
@@ -70,13 +77,19 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--shutdown-timeout must be at least 0, got {args.shutdown_timeout}")
     if args.max_request_bytes is not None and args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
-    engine = AsyncLLM(args.model or bundled_model_dir(), dtype=args.dtype, device=args.device,
-                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                      max_num_batched_tokens=args.max_num_batched_tokens,
-                      gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
-                      num_blocks=args.num_blocks, enforce_eager=args.enforce_eager,
-                      load_format=args.load_format, compile=not args.no_compile, quantization=args.quantization,
-                      warmup=False if args.no_warmup else None)
+    model = args.model or bundled_model_dir()
+    settings = dict(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+                    max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                    gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
+                    num_blocks=args.num_blocks, enforce_eager=args.enforce_eager, load_format=args.load_format,
+                    compile=not args.no_compile, quantization=args.quantization)
+    tp = args.tensor_parallel_size or 1
+    if launched_by_torchrun():  # every rank runs this command: rank 0 serves, the others follow it
+        tp = join_torchrun(args.tensor_parallel_size, args.device)
+        if dist.get_rank() != 0:
+            LLM.follow(model, **settings)
+            return 0
+    engine = AsyncLLM(model, warmup=False if args.no_warmup else None, tensor_parallel_size=tp, **settings)
     if engine.warmup_report is not None:
         w = engine.warmup_report
         print(f"dsv2 serve: warmed up in {w['seconds']:.1f} s (decode batches {w['batch_sizes']}, "
