@@ -56,7 +56,7 @@ def _run(tmp_path, config, world: int, quantization: str = "none", dtype=torch.f
     return want, [torch.load(f"{out}.{r}") for r in range(world)]
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2])  # world 4: the engine test below, token for token
 def test_sharded_logits_equal_the_whole_model(tmp_path, world):
     want, ranks = _run(tmp_path, _tiny(world), world)
     for r, got in enumerate(ranks):
