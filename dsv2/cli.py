@@ -21,7 +21,8 @@ def _info(args) -> int:
     from .info import model_info
 
     config = preset(args.preset) if args.preset else ModelConfig.from_hf(args.model)
-    print(json.dumps(model_info(config, args.quantization, args.cache_tokens, args.kv_cache_dtype), indent=2))
+    print(json.dumps(model_info(config, args.quantization, args.cache_tokens, args.kv_cache_dtype,
+                                args.tensor_parallel_size), indent=2))
     return 0
 
 
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-tokens", type=int, default=None, metavar="N",
                    help="KV-cache tokens to fit beside the weights (default: one max-length sequence)")
     p.add_argument("--kv-cache-dtype", default="bfloat16", choices=("bfloat16", "fp8", "6bit"))
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="one rank's weight bytes and cache tokens with the model split over N GPUs")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the tokens")

@@ -170,3 +170,18 @@ def test_serve_with_two_processes_answers_the_openai_client():
 
         one = llm.generate("Once upon a time", SamplingParams(max_tokens=12, temperature=0.0))[0]
     assert two.choices[0].text == one.outputs[0].text
+
+
+def test_info_gives_one_ranks_share(capsys):
+    """`dsv2 info --tensor-parallel-size 8`: DeepSeek-V2's weights over 8 GPUs, each rank with its
+    slices plus what every rank keeps whole (latent projections, norms, router), and the whole cache."""
+    import json
+
+    from dsv2.cli import main
+
+    assert main(["info", "--preset", "deepseek-v2", "--tensor-parallel-size", "8", "--quantization", "fp8"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    tp = info["tensor_parallel"]
+    assert info["weights"]["gb"] / 8 < tp["weights_per_rank_gb"] < 1.05 * info["weights"]["gb"] / 8
+    assert tp["cache_bytes_per_token_per_rank"] == info["kv_cache_per_token"]["mla"]["cache_bytes"]["bfloat16"]
+    assert tp["cache_tokens_per_rank"]["80GB"] < tp["cache_tokens_per_rank"]["141GB"]

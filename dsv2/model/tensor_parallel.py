@@ -133,9 +133,9 @@ class VocabParallelHead(nn.Module):
     fusable = False  # `linears` calls it as a module: the gather is part of its forward
     bias = None
 
-    def __init__(self, head: nn.Linear, shard: Shard, group):
+    def __init__(self, head: nn.Linear, shard: Shard, group, size: int):
         super().__init__()
-        self.group, self.size = group, dist.get_world_size(group)
+        self.group, self.size = group, size
         self.weight = nn.Parameter(shard.take(head.weight.detach()).clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,10 +176,11 @@ class LocalExperts(Experts):
         return torch.where(mine[..., None], y, 0.0).sum(1).to(x.dtype)
 
 
-def shard_(model: nn.Module, group=None) -> dict[str, Shard]:
+def shard_(model: nn.Module, group=None, layout: tuple[int, int] | None = None) -> dict[str, Shard]:
     """Cut `model` (a Transformer, real or on the meta device) into this rank's part of `group` in
-    place and hook in the collectives; returns {parameter name: the part of the full one held}."""
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    place and hook in the collectives; returns {parameter name: the part of the full one held}.
+    `layout` (rank, size) instead of a group: a meta model's part, to count it (`dsv2 info`)."""
+    rank, size = layout or (dist.get_rank(group), dist.get_world_size(group))
     config: ModelConfig = model.config
     check_config(config, size)
     held: dict[str, Shard] = {}
@@ -187,7 +188,7 @@ def shard_(model: nn.Module, group=None) -> dict[str, Shard]:
     model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, vocab)
     held["embed_tokens.weight"] = vocab
     model.embed_tokens.register_forward_hook(_reduce(group))
-    model.lm_head = VocabParallelHead(model.lm_head, vocab, group)
+    model.lm_head = VocabParallelHead(model.lm_head, vocab, group, size)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     else:
