@@ -453,7 +453,14 @@ def max_throughput_row(config: ModelConfig, device: torch.device, dtype: torch.d
     for run in range(2):
         warmup, steps = _max_throughput_pass(engine, batch, config, args, device, run, out)
     context = args.mt_prompt + warmup + (steps + 1) / 2
-    out["limit"] = decode_limit(config, wb, batch, context, out["kv_bytes_per_token"], bandwidth)
+    # the batch shrinks as sequences finish (the first admitted finish first): the limit is each
+    # timed step's own, at the rows it ran
+    rows = [r for r in out["decode_rows_per_step"] if r]
+    out["limit"] = decode_limit(config, wb, max(1, round(out["decode_rows_mean"])), context,
+                                out["kv_bytes_per_token"], bandwidth)
+    step_ms = [decode_limit(config, wb, r, context, out["kv_bytes_per_token"], bandwidth)["step_ms"] for r in rows]
+    if step_ms:
+        out["limit"]["tok_s"] = sum(rows) / (sum(step_ms) / 1e3)
     del engine, model
     return out
 
@@ -465,27 +472,37 @@ def _max_throughput_pass(engine, batch: int, config: ModelConfig, args, device, 
     ids = [f"m{run}-{i}" for i in range(batch)]
     for rid, p in zip(ids, _prompts(batch, args.mt_prompt, config.vocab_size, seed=5 + run), strict=True):
         engine.add_request(rid, p, params)
+    # the sequences themselves count the tokens (finished requests leave engine.requests)
+    seqs = [s for rid in ids for s in engine.requests[rid]]
+
+    def generated() -> int:  # tokens sampled so far, the ones still in flight included
+        return sum(len(s.output_token_ids) for s in seqs)
+
     engine.scheduler.num_preemptions = 0
     sync(device)
     t0 = time.perf_counter()
     out["prefill_steps"] = _run_to_first_tokens(engine, set(ids))
     sync(device)
     t1 = time.perf_counter()
+    out["tokens_during_prefill"] = generated()
     warmup = min(args.warmup_steps, max(args.mt_gen - 2, 0))
     for _ in range(warmup):
         engine.step()
     sync(device)
     t2 = time.perf_counter()
-    steps = tokens = 0
+    before, steps, rows = generated(), 0, []
     while engine.has_unfinished_requests():
-        tokens += len(engine.step())
+        rows.append(len(engine.scheduler.running))  # the rows this step decodes
+        engine.step()
         steps += 1
     sync(device)
     t3 = time.perf_counter()
-    out.update(prefill_s=t1 - t0, decode_steps=steps, decode_s=t3 - t2,
+    tokens = generated() - before
+    out.update(prefill_s=t1 - t0, decode_steps=steps, decode_s=t3 - t2, decode_tokens=tokens,
                decode_tok_s=tokens / (t3 - t2) if steps else float("nan"),
                ms_per_step=(t3 - t2) / steps * 1e3 if steps else float("nan"),
-               generation_tok_s=batch * args.mt_gen / (t3 - t0), preemptions=engine.scheduler.num_preemptions)
+               decode_rows_per_step=rows, decode_rows_mean=tokens / steps if steps else float("nan"),
+               generation_tok_s=generated() / (t3 - t0), preemptions=engine.scheduler.num_preemptions)
     if run == 0:
         out["first_run_s"] = t3 - t0
     return warmup, steps
@@ -579,15 +596,15 @@ def print_tables(res: dict) -> None:
                  f"cache from gpu_memory_utilization {mt['gpu_memory_utilization']}")
         print(f"\nmaximum generation throughput: prompt {mt['prompt']} + {mt['gen']} generated tokens per "
               f"sequence, {cache}, batch = sequences that fit, at most {mt['max_batch']}")
-        print(f"{'model':<22}{'KV B/token':>11}{'cache tokens':>14}{'fit':>7}{'batch':>7}{'decode tok/s':>14}"
-              f"{'ms/step':>9}{'with prefill':>14}{'roofline':>16}{'% roofline':>12}")
+        print(f"{'model':<22}{'KV B/token':>11}{'cache tokens':>14}{'fit':>7}{'batch':>7}{'rows/step':>10}"
+              f"{'decode tok/s':>14}{'ms/step':>9}{'with prefill':>14}{'roofline':>16}{'% roofline':>12}")
         for name, r in mt["models"].items():
             if r.get("status") != "ok":
                 print(f"{name:<22}{r.get('status')}: {r.get('reason') or r.get('error', '')}")
                 continue
             pct = r["decode_tok_s"] / r["limit"]["tok_s"] * 100
             print(f"{name:<22}{r['kv_bytes_per_token']:>11,.0f}{r['cache_tokens']:>14,}{r['sequences_fit']:>7}"
-                  f"{r['batch']:>7}"
+                  f"{r['batch']:>7}{r['decode_rows_mean']:>10,.0f}"
                   f"{r['decode_tok_s']:>14,.0f}{r['ms_per_step']:>9.1f}{r['generation_tok_s']:>14,.0f}"
                   f"{r['limit']['tok_s']:>16,.0f}{pct:>11.1f}%")
         if mt["ratio_decode"]:

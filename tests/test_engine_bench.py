@@ -21,6 +21,11 @@ def test_engine_bench_quick_cpu(tmp_path):
     mt = res["max_throughput"]["models"]
     assert all(r["status"] in ("ok", "skipped") for r in mt.values())
     assert mt["dsv2-tiny"]["batch"] == min(mt["dsv2-tiny"]["sequences_fit"], 32)
+    tiny = mt["dsv2-tiny"]
+    # tokens counted from the sequences: every generated token is in one of the phases, and a
+    # timed step decodes at most the batch (fewer as the first admitted sequences finish)
+    assert tiny["decode_tokens"] <= sum(tiny["decode_rows_per_step"]) <= tiny["batch"] * tiny["decode_steps"]
+    assert tiny["decode_rows_mean"] == tiny["decode_tokens"] / tiny["decode_steps"]
     png.unlink()
     engine_bench.main(["--plot-only", str(out), "--plot", str(png)])
     assert png.stat().st_size > 0
