@@ -236,20 +236,22 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     quantization: str | None = "auto",
     tensor_parallel=None,
+    config: ModelConfig | None = None,
 ) -> Transformer:
     """Load an HF-format DeepSeek-V2 directory; dtype (of the activations and the unquantized
     weights) defaults to the checkpoint's torch_dtype. quantization: "auto" holds the weights as
     the checkpoint stores them (FP8 or not), "fp8" holds them in FP8 (quantizing a bf16 checkpoint
     as it loads), "none" (or None) in `dtype` (dequantizing an FP8 one: training, references).
     `tensor_parallel`: a process group (or "world" for the default one): this rank's part of the
-    model (model/tensor_parallel.py), reading only its slices of the files."""
+    model (model/tensor_parallel.py), reading only its slices of the files. `config`: the model's
+    config in place of the directory's (the same tensors, other settings: a longer context, say)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     quantization = quantization or "none"
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
-    config = ModelConfig.from_hf(path)
+    config = config or ModelConfig.from_hf(path)
     quantized = fp8.check_config(config.extra.get("quantization_config")) is not None
     dtype = _dtype(dtype) or _dtype(config.torch_dtype) or torch.float32
     files = shard_files(path)

@@ -171,3 +171,40 @@ def test_config_file_errors(tmp_path):
         TrainConfig.load(bad)
     with pytest.raises(ValueError, match="'lr'"):
         TrainConfig.load(None, ["lr=fast"])
+
+
+def test_init_from_extends_a_models_context(data_dir, tmp_path):
+    """init_from: a trained model's weights start a run whose config changes the rope (YaRN from x4
+    to x16 of the original window, trained at twice the length), as the paper extends its context;
+    the weights are the model's, and the run writes its model with the new config."""
+    import json
+
+    import torch
+
+    from dsv2.checkpoint import load_model
+    from dsv2.train.config import TrainConfig
+    from dsv2.train.loop import Trainer, train
+
+    base = tmp_path / "base"
+    train(TrainConfig.load(_config_file(tmp_path, data_dir, base, 10)))
+    start = base / "checkpoints" / "step-00000010" / "model"
+    yarn = ("{type = 'yarn', factor = 16.0, original_max_position_embeddings = 256, beta_fast = 32, "
+            "beta_slow = 1, mscale = 0.707, mscale_all_dim = 0.707}")
+    ext = tmp_path / "ext"
+    extend = [f"init_from={json.dumps(str(start))}", "seq_len=64", f"model_overrides.rope_scaling={yarn}",
+              "model_overrides.max_position_embeddings=4096"]
+    cfg = TrainConfig.load(_config_file(tmp_path, data_dir, ext, 2), extend)
+    trainer = Trainer(cfg)
+    want = load_model(start, dtype=torch.float32, quantization="none").state_dict()
+    got = trainer.model.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want if "rotary" not in k)
+    assert trainer.mc.rope_scaling.factor == 16 and trainer.mc.max_position_embeddings == 4096
+    trainer.run()
+    saved = json.loads((ext / "checkpoints" / "step-00000001" / "model" / "config.json").read_text())
+    scaling = saved.get("rope_scaling") or saved.get("rope_parameters")
+    assert scaling["factor"] == 16 and saved["max_position_embeddings"] == 4096
+    wider = TrainConfig.load(_config_file(tmp_path, data_dir, tmp_path / "wide", 2),
+                             [f"init_from={json.dumps(str(start))}", "model_overrides.num_hidden_layers=1"])
+    with pytest.raises(ValueError, match="model_overrides change its tensors"):
+        Trainer(wider)

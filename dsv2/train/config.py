@@ -21,6 +21,9 @@ class TrainConfig:
     # model: a preset name, or a directory / config.json; overrides apply on top (ModelConfig fields)
     model: str = "dsv2-small"
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    # an HF-format model directory whose weights start the run (in place of `model` and the random
+    # init), its config with model_overrides on top: e.g. a context extension with new rope keys
+    init_from: str | None = None
     init_std: float = 0.006
     # data: a directory written by `dsv2 data prepare`
     data: str = "data/builtin"

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import load_model
+from ..checkpoint import CheckpointError, load_model
 from ..config import ModelConfig, preset
 from ..data.loader import TokenLoader
 from ..model import TokenDropping, Transformer
@@ -32,11 +32,24 @@ from .schedule import batch_size, learning_rate
 
 
 def build_model_config(cfg: TrainConfig) -> ModelConfig:
-    source = Path(cfg.model)
+    source = Path(cfg.init_from or cfg.model)
     if source.exists():
         base = ModelConfig.from_hf(source)
         return ModelConfig.from_hf({**base.to_hf(), **cfg.model_overrides})
     return preset(cfg.model, **cfg.model_overrides)
+
+
+def _init_from(cfg: TrainConfig, device: torch.device) -> Transformer:
+    """The init_from model's weights under the run's config (its own, model_overrides on top)."""
+    if not Path(cfg.init_from).is_dir():
+        raise ValueError(f"init_from {cfg.init_from!r}: not a model directory")
+    try:
+        model = load_model(cfg.init_from, device=device, dtype=torch.float32, quantization="none",
+                           config=build_model_config(cfg))
+    except CheckpointError as e:
+        raise ValueError(f"init_from {cfg.init_from}: model_overrides change its tensors, so its weights do "
+                         f"not fit the run's model ({e})") from None
+    return model.train()
 
 
 def balance_config(cfg: TrainConfig, mc: ModelConfig) -> BalanceConfig:
@@ -82,6 +95,8 @@ class Trainer:
         if start is not None and not ckpt.is_sharded(start):
             self.model = load_model(start / "model", device=self.device, dtype=torch.float32,
                                     quantization="none").train()
+        elif start is None and cfg.init_from:
+            self.model = _init_from(cfg, self.device)
         else:  # a sharded checkpoint's weights are loaded into the built model in _restore
             self.model = Transformer(build_model_config(cfg)).to(self.device)
             self.model.init_weights(cfg.init_std)
