@@ -356,3 +356,30 @@ def test_a_failing_step_names_its_requests_and_the_rest_go_on(model_dir, monkeyp
                 done[out.request_id] = out.outputs[0].token_ids
     assert list(done) == ["waiting"] and engine.blocks.all_free()
     assert_greedy(model, prompts["waiting"], done["waiting"])
+
+
+def test_chunked_prefill_past_the_yarn_window_equals_one_forward(tmp_path):
+    """A 200-token prompt under a 48-token step budget (five chunks) on a model whose YaRN window
+    was 32 tokens stretched 8x: the prompt logprobs of the chunked prefill are one full-length
+    forward's, position for position, far past the original window."""
+    from dsv2.checkpoint import save_model
+    from dsv2.tokenizer import train_bpe
+
+    from .conftest import TEXTS
+
+    yarn = dict(type="yarn", factor=8, original_max_position_embeddings=32, beta_fast=32, beta_slow=1,
+                mscale=0.707, mscale_all_dim=0.707)
+    tok = train_bpe(TEXTS * 10, vocab_size=300)
+    model = random_model(tiny_config(vocab_size=tok.vocab_size, rope_scaling=yarn, max_position_embeddings=256),
+                         seed=4, std=0.2)
+    save_model(model, tmp_path)
+    tok.save(tmp_path)
+    llm = _llm(tmp_path, max_num_batched_tokens=48, max_model_len=256)
+    prompt = random.Random(2).choices(range(2, tok.vocab_size), k=200)
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    with torch.no_grad():
+        want = model(torch.tensor([prompt])).float().log_softmax(-1)[0]
+    close = tol(torch.float32, MODEL_ULPS)
+    got = [out.prompt_logprobs[i][prompt[i]] for i in range(1, len(prompt))]
+    expected = [want[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+    assert got == pytest.approx(expected, abs=close)
