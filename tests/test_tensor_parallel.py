@@ -107,11 +107,17 @@ def _engine_requests():
     params = [SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 20), ignore_eos=True) for _ in prompts]
     params[::5] = [SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_tokens=10, ignore_eos=True, n=2)
                    for i in range(len(params[::5]))]
+    params[3] = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=2, logprobs=1)
     return prompts, params
 
 
 def _tokens(outs):
     return [[o.token_ids for o in out.outputs] for out in outs]
+
+
+def _prompt_logprobs(outs):
+    """Request 3's prompt logprobs, flattened (token, value) in order."""
+    return [(t, v) for entry in outs[3].prompt_logprobs[1:] for t, v in sorted(entry.items())]
 
 
 @pytest.fixture(scope="module")
@@ -120,20 +126,25 @@ def one_process_tokens():
     llm = _engine_llm()
     outs = llm.generate(prompts, params)
     assert llm.engine.scheduler.num_preemptions > 0 and sum(o.num_cached_tokens for o in outs) > 0
-    return _tokens(outs)
+    return _tokens(outs), _prompt_logprobs(outs)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_engine_over_several_processes_gives_the_same_tokens(one_process_tokens, world):
     """LLM(tensor_parallel_size=N) starts N-1 workers (gloo on the CPU); with preemption, prefix hits,
-    chunked prefill and seeded sampling, every request's tokens are the single-process engine's. At
+    chunked prefill, seeded sampling and prompt logprobs, every request's tokens (and logprobs) are
+    the single-process engine's. At
     world 4 the bundled model's 4 expert groups sit one per rank (device-limited routing)."""
     prompts, params = _engine_requests()
     with _engine_llm(tensor_parallel_size=world) as llm:
         outs = llm.generate(prompts, params)
         assert llm.engine.scheduler.num_preemptions > 0
         procs = llm.workers.procs
-    assert _tokens(outs) == one_process_tokens
+    tokens, logprobs = one_process_tokens
+    assert _tokens(outs) == tokens
+    got = _prompt_logprobs(outs)
+    assert [t for t, _ in got] == [t for t, _ in logprobs]
+    assert [v for _, v in got] == pytest.approx([v for _, v in logprobs], abs=1e-4)
     assert all(p.exitcode == 0 for p in procs)  # stopped by the leader, not killed
 
 
