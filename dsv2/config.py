@@ -24,13 +24,14 @@ class ConfigError(ValueError):
 
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
-ROPE_TYPES = ("yarn",)
+ROPE_TYPES = ("yarn", "linear")  # linear: position interpolation (positions / factor), the ablation of YaRN
 ATTENTION_TYPES = ("mla", "mha")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """YaRN settings of the released models (applied to the decoupled rope dims only)."""
+    """YaRN settings of the released models (applied to the decoupled rope dims only); with type
+    "linear", plain position interpolation by `factor` (no ramp, no attention temperature)."""
 
     factor: float = 40.0
     original_max_position_embeddings: int = 4096
@@ -293,7 +294,9 @@ class ModelConfig:
                           if f.name not in ("extra", "rope_scaling", "attention_type"))
         for name in names:
             d[name] = getattr(self, name)
-        d["rope_scaling"] = None if self.rope_scaling is None else dataclasses.asdict(self.rope_scaling)
+        rs = self.rope_scaling
+        d["rope_scaling"] = (None if rs is None else {"type": "linear", "factor": rs.factor} if rs.type == "linear"
+                             else dataclasses.asdict(rs))
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if f"{key}_list" in self.extra:
                 d[key] = self.extra[f"{key}_list"]
@@ -324,9 +327,11 @@ def _read_rope_scaling(d: dict) -> RopeScaling:
     if unknown:
         raise ConfigError(f"config field 'rope_scaling' has unknown key(s): {', '.join(unknown)}")
     if d.get("factor") is None:
-        raise ConfigError("config field 'rope_scaling.factor' is required for yarn")
+        raise ConfigError(f"config field 'rope_scaling.factor' is required for {kind}")
     # transformers 5 fills unset beta/mscale keys with null; null means the YaRN default
     d = {k: v for k, v in d.items() if v is not None}
+    if kind == "linear":  # the factor alone: no attention temperature
+        d = {"factor": d["factor"], "mscale": 0.0, "mscale_all_dim": 0.0}
     return RopeScaling(type=kind, **d)
 
 

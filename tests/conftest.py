@@ -65,6 +65,8 @@ PARITY_CONFIGS = {
                                         rope_scaling=dict(_YARN, mscale=1.0, mscale_all_dim=0.8)),
     "greedy-scaled-qlora-noyarn": dict(topk_method="greedy", n_group=None, topk_group=None,
                                        routed_scaling_factor=16.0, rope_scaling=None, n_shared_experts=2),
+    # position interpolation (YaRN's ablation), as transformers' "linear" rope type computes it
+    "qlora-grouplimited-linear-pi": dict(rope_scaling=dict(type="linear", factor=4.0)),
 }
 
 

@@ -1,4 +1,5 @@
-"""Rotary position embedding on the decoupled rope dims, with YaRN as the released models use it.
+"""Rotary position embedding on the decoupled rope dims, with YaRN as the released models use it
+(or plain position interpolation, "linear", the ablation the paper's YaRN is compared with).
 
 Only q_rope and the shared k_rope rotate (MLA's decoupled RoPE); the rotation pairs dims (2i, 2i+1)
 of the checkpoint's weight order, which is what transformers computes with complex numbers.
@@ -23,6 +24,8 @@ def inv_frequencies(dim: int, theta: float, scaling: RopeScaling | None) -> torc
     if scaling is None:
         return extrapolated
     interpolated = 1.0 / (scaling.factor * pos_freqs)
+    if scaling.type == "linear":  # position interpolation: every frequency slowed by the factor
+        return interpolated
 
     def correction_dim(rotations: float) -> float:
         # the dim whose wavelength completes `rotations` turns over the original context
@@ -40,7 +43,7 @@ def inv_frequencies(dim: int, theta: float, scaling: RopeScaling | None) -> torc
 
 def cos_sin_scale(scaling: RopeScaling | None) -> float:
     """YaRN multiplies cos/sin by mscale(s, mscale) / mscale(s, mscale_all_dim) (1 when equal)."""
-    if scaling is None:
+    if scaling is None or scaling.type == "linear":
         return 1.0
     return yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
 
