@@ -19,6 +19,15 @@ from .corpus import Document
 _KEYS = ("amber", "basalt", "cedar", "delta", "ember", "fjord", "garnet", "hollow", "indigo", "jasper",
          "kestrel", "lagoon", "mistral", "nimbus", "onyx", "prairie", "quill", "raven", "sierra", "thistle",
          "umber", "vesper", "willow", "yarrow", "zephyr")
+# keys no training document uses: an eval with them measures retrieval, not memorized pairs
+HELD_OUT_KEYS = ("acorn", "bramble", "canyon", "dune", "estuary", "fennel", "granite", "heron")
+
+
+def pass_key(rng: random.Random, keys: Sequence[str] = HELD_OUT_KEYS) -> tuple[str, str, str]:
+    """(needle sentence, question, answer) in the training documents' wording, for eval/niah.py's
+    `run_niah(needles=...)`; by default with held-out keys."""
+    key, value = rng.choice(keys), str(rng.randint(10000, 99999))
+    return f"The pass key of {key} is {value}.", f"What is the pass key of {key}?", value
 
 
 def retrieval_documents(corpus: Sequence[Document], n: int, min_chars: int, max_chars: int,

@@ -137,9 +137,10 @@ def default_lengths(max_len: int, answer_room: int) -> list[int]:
 
 def run_niah(model: EvalModel, lengths: list[int] | None = None, depths: list[float] | None = None,
              trials: int = 1, filler: str | None = None, seed: int = 0, max_new_tokens: int = 16,
-             heatmap: str | Path | None = None) -> dict:
+             heatmap: str | Path | None = None, needles=make_needle) -> dict:
     """Retrieval accuracy over a grid of context lengths x needle depths, `trials` random needles
-    per cell, from one batch of greedy generations."""
+    per cell, from one batch of greedy generations. `needles(rng)` -> (needle sentence, question,
+    answer): the facts planted (default: make_needle's)."""
     lengths = list(lengths) if lengths else default_lengths(model.max_len, max_new_tokens)
     depths = list(depths) if depths is not None else [0.0, 0.25, 0.5, 0.75, 1.0]
     too_long = [n for n in lengths if n + max_new_tokens > model.max_len]
@@ -151,7 +152,7 @@ def run_niah(model: EvalModel, lengths: list[int] | None = None, depths: list[fl
     for i in range(len(depths)):
         for j in range(len(lengths)):
             for _ in range(trials):
-                needle, question, answer = make_needle(rng)
+                needle, question, answer = needles(rng)
                 prompts.append(make_haystack(model.tokenizer, filler_text, lengths[j], depths[i], needle, question))
                 cells.append((i, j))
                 answers.append(answer)
