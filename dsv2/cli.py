@@ -6,15 +6,21 @@ import argparse
 import json
 import os
 import sys
-from importlib.resources import files
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, ModelConfig, preset
+from .resources import bundled_model_dir
 
 
-def bundled_model_dir() -> Path:
-    """The small model shipped in the package, trained on the built-in corpus (configs/bundled.toml)."""
-    return Path(str(files("dsv2") / "bundled"))
+def _positive(text: str) -> int:
+    """argparse type: a positive integer (the error names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _info(args) -> int:
@@ -142,7 +148,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF-format model directory (default: the bundled model)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float32, ...")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=_positive, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,6 +70,25 @@ def test_cli_errors_are_clear(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     proc = dsv2("info", "--model", str(tmp_path))
     assert proc.returncode == 1 and "missing required field" in proc.stderr
+    proc = dsv2("generate", "--max-new-tokens", "-5", "hi")
+    assert proc.returncode == 2 and "--max-new-tokens: must be a positive integer, got '-5'" in proc.stderr
+
+
+def test_no_module_imports_the_cli_back():
+    """The command imports every subcommand's module; none of them imports the command (the bundled
+    model's place is dsv2/resources.py)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "dsv2"
+    for path in package.rglob("*.py"):
+        if path.name in ("cli.py", "__main__.py") and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                target = "." * node.level + module
+                assert target not in ("..cli", "dsv2.cli") and not (node.level == 1 and module == "cli"
+                                                                     and path.parent == package), path
 
 
 def test_bundled_model_is_the_default():

@@ -51,7 +51,7 @@ def _fmt(v) -> str:
 
 
 def _eval(args) -> int:
-    from ..cli import bundled_model_dir
+    from ..resources import bundled_model_dir
     from .lm import EvalModel
 
     model_dir = args.model or str(bundled_model_dir())

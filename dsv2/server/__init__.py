@@ -63,7 +63,7 @@ def serve(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from ..cli import bundled_model_dir
+    from ..resources import bundled_model_dir
     from ..engine.async_llm import AsyncLLM
     from ..engine.llm import LLM
     from ..engine.workers import join_torchrun, launched_by_torchrun
