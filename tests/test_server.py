@@ -113,6 +113,27 @@ def test_models_health_and_chat_page(url, client):
     assert "<title>dsv2 chat</title>" in page.text
 
 
+def test_tokenize_and_detokenize(url, client, tokenizer):
+    """vLLM's /tokenize (a prompt, or messages through the chat template) and /detokenize: the ids the
+    endpoints feed the model, and text back."""
+    body = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()
+    ids = tokenizer.encode(PROMPT, add_bos=tokenizer.bos_token_id is not None)
+    assert body == {"tokens": ids, "count": len(ids), "max_model_len": client.models.list().data[0].max_model_len}
+    plain = httpx.post(url + "/tokenize", json={"prompt": PROMPT, "add_special_tokens": False}).json()["tokens"]
+    assert plain == tokenizer.encode(PROMPT)
+    chat = [{"role": "user", "content": "Hi"}]
+    templated = httpx.post(url + "/tokenize", json={"messages": chat}).json()["tokens"]
+    assert templated == tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+    # the completion endpoint reads the same ids: its usage counts them
+    usage = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1).usage
+    assert usage.prompt_tokens == len(ids)
+    assert httpx.post(url + "/detokenize", json={"tokens": plain}).json() == {"prompt": PROMPT}
+    assert_error(httpx.post(url + "/tokenize", json={"prompt": "a", "messages": chat}), 400, "prompt")
+    assert_error(httpx.post(url + "/tokenize", json={"model": "other", "prompt": "a"}), 400)
+    assert_error(httpx.post(url + "/detokenize", json={"tokens": [tokenizer.vocab_size]}), 400, "tokens")
+    assert_error(httpx.post(url + "/detokenize", json={"tokens": ["1"]}), 400, "tokens.0")
+
+
 # --- completions -----------------------------------------------------------------------------------
 
 def test_completion_stream_equals_greedy_text(client, tokenizer):

@@ -34,7 +34,9 @@ from ..engine.params import SamplingParams
 from .limits import BodyRefused, ConnectionGuard, Limits, read_body, replay
 from .metrics import Metrics
 from .openai_format import ChoiceStream, TokenText, chat_logprobs, completion_logprobs, envelope, new_id, usage
-from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingRequest, parse
+from .protocol import (
+    ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingRequest, TokenizeRequest, parse,
+)
 
 def shutting_down() -> ApiError:
     return ApiError(503, "The server is shutting down; retry on another instance.", type="server_shutdown",
@@ -350,6 +352,14 @@ def create_app(server: Server) -> FastAPI:
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
                                             "owned_by": "dsv2", "max_model_len": server.max_model_len}]}
 
+    @app.post("/tokenize", openapi_extra=_body(TokenizeRequest))
+    async def tokenize(request: Request):
+        return await run_in_threadpool(_tokenize, server, await request.body())
+
+    @app.post("/detokenize", openapi_extra=_body(DetokenizeRequest))
+    async def detokenize(request: Request):
+        return await run_in_threadpool(_detokenize, server, await request.body())
+
     @app.post("/v1/completions", openapi_extra=_body(CompletionRequest))
     async def completions(request: Request):
         req, prompts, jobs = await run_in_threadpool(_prepare_completion, server, await request.body())
@@ -484,6 +494,39 @@ def _prepare_chat(server: Server, body: bytes):
     return req, [(ids, None, server.params(req, ids, max_tokens, logprobs))]
 
 
+def _tokenize(server: Server, body: bytes) -> dict:
+    """vLLM's /tokenize answer: the ids the completion or chat endpoint would feed the model."""
+    req = parse(TokenizeRequest, body)
+    if req.model is not None:
+        server.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
+    tokenizer = server.engine.tokenizer
+    if req.prompt is not None:
+        server.fits(req.prompt)
+        ids = tokenizer.encode(req.prompt, add_bos=req.add_special_tokens and tokenizer.bos_token_id is not None)
+    else:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt,
+                                                 tokenize=False)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        server.fits(text)
+        ids = tokenizer.encode_batch([text])[0]  # the template writes BOS itself
+    return {"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len}
+
+
+def _detokenize(server: Server, body: bytes) -> dict:
+    req = parse(DetokenizeRequest, body)
+    if req.model is not None:
+        server.check_model(req.model)
+    bad = next((t for t in req.tokens if t >= server.vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"token id {bad} is outside the vocabulary (size {server.vocab_size})", param="tokens")
+    return {"prompt": server.engine.tokenizer.decode(req.tokens)}
+
+
 # --- the OpenAPI schema of bodies the routes parse themselves ------------------------------------------
 
 def _body(model) -> dict:
@@ -497,7 +540,7 @@ def _openapi(app: FastAPI) -> dict:
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (CompletionRequest, ChatCompletionRequest):
+        for model in (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema

@@ -124,6 +124,21 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or messages through the chat template."""
+
+    model: str | None = None
+    prompt: _Text | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = None
+    add_special_tokens: bool = True  # a prompt's BOS
+    add_generation_prompt: bool = True  # messages: end with the assistant's turn opening
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
 def parse(model: type[_Request], body: bytes) -> _Request:
     """The request body as `model`, parsed and validated in one pass of pydantic's JSON parser
     (which refuses NaN, Infinity and nesting past its depth limit); ApiError 400 naming the field
