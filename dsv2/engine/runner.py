@@ -275,9 +275,14 @@ class StepPlan:
     key: tuple | None = None
     every_position: bool = False
 
-    def layout(self) -> StepInputs:
-        size = self.padded_rows * (3 * self.width + self.table_width + 2)
-        return StepInputs(torch.empty(size, dtype=torch.long), self.padded_rows, self.width, self.table_width)
+    @property
+    def size(self) -> int:
+        """Elements of the packed inputs."""
+        return self.padded_rows * (3 * self.width + self.table_width + 2)
+
+    def inputs(self, packed: torch.Tensor) -> StepInputs:
+        """`packed` (this plan's inputs, on any device) with its layout."""
+        return StepInputs(packed, self.padded_rows, self.width, self.table_width)
 
 
 class StepGraph:
@@ -454,8 +459,7 @@ class ModelRunner:
         """A captured step from inputs already on the device (tensor parallel: every rank's copy)."""
         graph = self.graphs.get(plan.key)
         if graph is None:  # captured from these inputs, in step with the other ranks
-            layout = plan.layout()
-            graph = self._graph(plan, StepInputs(packed.cpu(), layout.rows, layout.width, layout.table_width))
+            graph = self._graph(plan, plan.inputs(packed.clone()))
         graph.packed.copy_(packed)
         graph.graph.replay()
         return graph.logits[:plan.rows]
@@ -483,12 +487,12 @@ class ModelRunner:
             plan: StepPlan | None = box[0]
             if plan is None:
                 return
-            packed = plan.layout().packed.to(self.device)
+            packed = torch.empty(plan.size, dtype=torch.long, device=self.device)
             dist.broadcast(packed, src=src, group=self.tp_group)
             if plan.key is not None:
                 self._replay(plan, packed)
             else:
-                views = plan.layout().views(packed)
+                views = plan.inputs(packed).views(packed)
                 self.forward(views, decode=plan.decode, fresh=plan.fresh, every_position=plan.every_position)
 
     def _uncaptured_views(self, items, width: int, table_width: int,
