@@ -383,3 +383,27 @@ def test_chunked_prefill_past_the_yarn_window_equals_one_forward(tmp_path):
     got = [out.prompt_logprobs[i][prompt[i]] for i in range(1, len(prompt))]
     expected = [want[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
     assert got == pytest.approx(expected, abs=close)
+
+
+def test_llm_tokenizer_options_as_vllm(model_dir, tmp_path):
+    """LLM(tokenizer=DIR) takes another directory's tokenizer; skip_tokenizer_init=True needs none
+    (token ids in and out); seed= makes unseeded sampling reproducible."""
+    from dsv2.checkpoint import save_model
+
+    path, model, tok = model_dir
+    bare = tmp_path / "bare"
+    save_model(model, bare)  # weights only, no tokenizer.json
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        _llm(bare)
+    ids = tok.encode("The quick brown", add_bos=tok.bos_token_id is not None)  # as LLM encodes text
+    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    want = _llm(path).generate({"prompt_token_ids": ids}, greedy)[0].outputs[0].token_ids
+    raw = _llm(bare, skip_tokenizer_init=True)
+    out = raw.generate({"prompt_token_ids": ids}, greedy)[0].outputs[0]
+    assert out.token_ids == want and out.text == ""
+    with pytest.raises(ValueError, match="skip_tokenizer_init"):
+        raw.generate("The quick brown", greedy)
+    assert _llm(bare, tokenizer=path).generate("The quick brown", greedy)[0].outputs[0].token_ids == want
+    free = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    runs = [_llm(path, seed=7).generate({"prompt_token_ids": ids}, free)[0].outputs[0].token_ids for _ in range(2)]
+    assert runs[0] == runs[1]

@@ -73,6 +73,9 @@ class LLM:
         compile: bool = True,
         quantization: str | None = None,
         tensor_parallel_size: int = 1,
+        tokenizer: str | Path | None = None,
+        skip_tokenizer_init: bool = False,
+        seed: int | None = None,
     ):
         """load_format "dummy" (as vLLM's) gives random weights of the directory's config.json
         shape, for benchmarks of released shapes without their checkpoints. compile=False keeps
@@ -81,7 +84,12 @@ class LLM:
         checkpoint as it loads; None takes what the checkpoint stores (an FP8 checkpoint stays FP8).
         tensor_parallel_size=N splits the model over N GPUs (N processes on the CPU): this process
         is rank 0 and starts the other N-1 itself (engine/workers.py, docs/parallel.md); under
-        torchrun with N processes it joins their process group instead."""
+        torchrun with N processes it joins their process group instead. As vLLM's: `tokenizer` is a
+        directory holding tokenizer.json (default: the model's); skip_tokenizer_init=True needs none
+        (prompts as token ids, outputs as token ids with empty text); `seed` seeds the sampling of
+        requests without a seed of their own."""
+        if seed is not None:
+            torch.manual_seed(seed)
         spec = _spec(model, dtype, device, max_num_seqs, max_model_len, max_num_batched_tokens, gpu_memory_utilization,
                      kv_cache_dtype, block_size, num_blocks, enable_prefix_caching, enforce_eager, async_scheduling,
                      load_format, compile, quantization)
@@ -102,7 +110,7 @@ class LLM:
             self.model = random_model(ModelConfig.from_hf(model), spec.device, spec.dtype, quantization=quantization)
         else:
             self.model = load_model(model, device=spec.device, dtype=spec.dtype, quantization=quantization or "auto")
-        self.tokenizer = Tokenizer.from_dir(model)
+        self.tokenizer = None if skip_tokenizer_init else Tokenizer.from_dir(tokenizer or model)
         self.engine = LLMEngine(self.model, self.tokenizer, spec.engine, spec.cache_dtype, tp_group=tp_group)
         self.engine.guard = self.workers
         self._ids = itertools.count()
@@ -128,10 +136,17 @@ class LLM:
             order.append(rid)
         return self._run(order, use_tqdm)
 
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this LLM has no tokenizer (skip_tokenizer_init=True): give prompts as "
+                             "{'prompt_token_ids': [...]}")
+        return self.tokenizer
+
     def encode(self, prompt: str | dict) -> tuple[list[int], str | None]:
         """A prompt (a string, or {"prompt_token_ids": [...]}) as token ids and its text."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_token_id is not None), prompt
+            tokenizer = self._tokenizer()
+            return tokenizer.encode(prompt, add_bos=tokenizer.bos_token_id is not None), prompt
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return list(prompt["prompt_token_ids"]), prompt.get("prompt")
         raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
@@ -144,7 +159,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the chat template (with the generation prompt) to one or more conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.tokenizer.apply_chat_template(c, add_generation_prompt=True)}
+        prompts = [{"prompt_token_ids": self._tokenizer().apply_chat_template(c, add_generation_prompt=True)}
                    for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
