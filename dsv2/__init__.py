@@ -4,7 +4,8 @@
 part of the package (the data workers import dsv2.data) does not pull in the rest.
 """
 
-_ENGINE = ("LLM", "AsyncLLM", "SamplingParams", "LLMEngine", "EngineConfig", "RequestOutput", "CompletionOutput")
+_ENGINE = ("LLM", "AsyncLLM", "SamplingParams", "StructuredOutputsParams", "LLMEngine", "EngineConfig",
+           "RequestOutput", "CompletionOutput")
 
 
 def __getattr__(name: str):

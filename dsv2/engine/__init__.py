@@ -3,6 +3,7 @@
 from .async_llm import AsyncLLM
 from .engine import CompletionOutput, EngineConfig, LLMEngine, RequestOutput
 from .llm import LLM
-from .params import SamplingParams
+from .params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "AsyncLLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "AsyncLLM", "LLMEngine", "EngineConfig", "SamplingParams", "StructuredOutputsParams",
+           "RequestOutput", "CompletionOutput"]

@@ -127,6 +127,9 @@ class AsyncLLM:
         """Yield the request's RequestOutput after every step that advanced it; the last one has
         finished=True. Leaving the loop early aborts the request."""
         ids, text = self._llm.encode(prompt)
+        params = params or SamplingParams()
+        if params.structured_outputs is not None:  # compiled here, not on the engine thread
+            await asyncio.to_thread(self.compile_grammar, params)
         rid = request_id or f"req-{next(self._ids)}"
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
@@ -134,7 +137,7 @@ class AsyncLLM:
         if self.dead is not None or self._stopped.is_set():
             self._streams.pop(rid, None)
             raise self.dead or EngineStoppedError("the engine is shut down")
-        self._commands.put(("add", rid, ids, params or SamplingParams(), text))
+        self._commands.put(("add", rid, ids, params, text))
         finished = False
         try:
             while not finished:
@@ -148,6 +151,16 @@ class AsyncLLM:
             self._streams.pop(rid, None)
             if not finished:
                 self._commands.put(("abort", rid))
+
+    def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile params' structured outputs into the engine's grammar cache in the calling thread
+        (a ValueError naming the problem for a spec that does not compile). Compiling a large schema
+        can take a second; done here, it never stalls the engine thread, which serves every
+        request's steps, and a server refuses a bad spec before queuing the request."""
+        if params.structured_outputs is not None:
+            if self.engine.grammars is None:
+                raise ValueError("structured outputs need a tokenizer; this engine has none")
+            self.engine.grammars.compile(params.structured_outputs)
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))

@@ -3,12 +3,17 @@
 add_request -> the scheduler queues it; step() schedules a batch, runs the model over the paged
 latent cache, samples the rows whose prompt is complete, detokenizes, checks stops, frees the
 pages of finished sequences. abort_request frees a request's pages at once.
+
+A request with structured outputs gets a grammar matcher per sequence (engine/structured.py): its
+mask is computed on the host while the device runs the step's model forward, applied by the
+sampler, and the matcher advances with each token read back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +28,10 @@ from .runner import ModelRunner
 from .sampler import Detokenizer, RowState, Sampler, check_stop, make_generator
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, Status
+from .structured import GrammarCompiler
 from .warmup import warmup
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,6 +131,9 @@ class LLMEngine:
                                   compile_prefill=cfg.compile_prefill,
                                   max_graph_tokens=2 * cfg.max_num_batched_tokens, tp_group=tp_group)
         self.sampler = Sampler()
+        # structured outputs' grammars, compiled once per spec (thread-safe: a server compiles in
+        # its worker threads, see AsyncLLM.compile_grammar)
+        self.grammars = None if tokenizer is None else GrammarCompiler(tokenizer, mc.vocab_size)
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, str | None] = {}
         self._ids = itertools.count()
@@ -156,13 +167,21 @@ class LLMEngine:
         if len(prompt_token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) "
                              f"exceeds max_model_len ({self.max_model_len})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {max(params.logit_bias)}")
+        spec = params.structured_outputs
+        if spec is not None:
+            if self.grammars is None:
+                raise ValueError("structured outputs need a tokenizer; this engine has none")
+            self.grammars.compile(spec)  # a ValueError for a spec that does not compile, before anything is queued
         arrival = next(self._arrival)
         seqs = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             seq = Sequence(next(self._ids), request_id, i, list(prompt_token_ids), params, arrival,
                            generator=None if seed is None else make_generator(seed, self.runner.device),
-                           detokenizer=None if self.tokenizer is None else Detokenizer(self.tokenizer, params))
+                           detokenizer=None if self.tokenizer is None else Detokenizer(self.tokenizer, params),
+                           grammar=None if spec is None else self.grammars.grammar(spec))
             if i == 0 and params.prompt_logprobs is not None:  # one sample scores the prompt
                 seq.prompt_logprobs = [None] * len(prompt_token_ids)
             seqs.append(seq)
@@ -190,7 +209,8 @@ class LLMEngine:
         With async scheduling a step launches its batch and, while the GPU runs it, reads back and
         processes the previous step's tokens: outputs come one step late, and a decode row whose
         input is the token still in flight takes it on the device. A batch that reads token
-        history on the host (penalties) or asks for top or prompt logprobs runs synchronously.
+        history on the host (penalties, a structured output's grammar) or asks for top or prompt
+        logprobs runs synchronously.
         A failure while running the batch raises StepError naming the requests it leaves broken."""
         if self.guard is not None:
             self.guard.check()
@@ -208,9 +228,17 @@ class LLMEngine:
             raise StepError(sorted(failed & self.requests.keys()), e) from e
 
     def _step(self, batch) -> list[RequestOutput]:
+        # A grammar's mask for the next token needs the token before it in the host's matcher, and
+        # under async scheduling that token is still on the device when the next step launches. So
+        # a batch with a constrained row goes synchronous: the step in flight is read back (every
+        # matcher advanced) before the launch, and the launched step right after it, so no
+        # constrained token is ever in flight. The mask is still computed while the device runs
+        # the model (_launch); only the overlap of the host's bookkeeping is lost, and only for
+        # steps that carry a constrained row. Graphs are unaffected: they capture the model's
+        # step, and the mask is applied by the sampler after it.
         sync = not self.cfg.async_scheduling or any(
             seq.params.has_penalties or seq.params.logprobs is not None or seq.needs_prompt_logprobs
-            for seq, _ in batch.items)
+            or seq.grammar is not None for seq, _ in batch.items)
         outputs, was_inflight = [], self._inflight is not None
         if self._inflight is not None and (sync or not batch.items):
             outputs, self._inflight = self._process(self._inflight), None
@@ -252,9 +280,10 @@ class LLMEngine:
         if step.seqs:
             if len(rows) < len(items):
                 logits = logits[to_device(rows, logits.device)]
+            allowed = self._allowed(step.seqs)
             out = self.sampler(logits, [
-                RowState(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, self.eos_token_id)
-                for s in step.seqs])
+                RowState(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, self.eos_token_id, allowed[j])
+                for j, s in enumerate(step.seqs)])
             step.token_ids, step.top_logprobs = out.token_ids, out.top_logprobs
             step.host = out.host.to("cpu", non_blocking=True)
             if logits.is_cuda:
@@ -264,6 +293,17 @@ class LLMEngine:
                 step.slots.append(len(seq.output_token_ids))
                 seq.output_token_ids.append(PENDING)
         return step
+
+    def _allowed(self, seqs: list[Sequence]) -> list:
+        """Each sampled row's grammar mask (None for a free row), computed here on the host while
+        the device runs the step's forward; nothing at all when no row is constrained."""
+        which = [j for j, s in enumerate(seqs) if s.grammar is not None]
+        allowed = [None] * len(seqs)
+        if which:
+            masks = self.grammars.fill_bitmask([seqs[j].grammar for j in which])
+            for k, j in enumerate(which):
+                allowed[j] = masks[k]
+        return allowed
 
     def _process(self, step: _Step) -> list[RequestOutput]:
         """The host's side of a launched step: its tokens read back (the one sync), prefix-cache
@@ -294,6 +334,15 @@ class LLMEngine:
             reason = "stop" if stop_str is not None else check_stop(seq.params, token, slot + 1, self.eos_token_id)
             if reason is None and len(seq.prompt_token_ids) + slot + 1 >= self.max_model_len:
                 reason = "length"
+            if seq.grammar is not None:
+                if reason is None:
+                    seq.grammar.accept(token)
+                if seq.grammar.error is not None:
+                    # as vLLM's guidance backend: a failed matcher allows only EOS, and the request
+                    # ends here (under ignore_eos too, which would draw EOS until max_tokens)
+                    log.warning("request %s: its structured output cannot go on (%s); it ends",
+                                seq.request_id, seq.grammar.error)
+                    reason = reason or "stop"
             if reason is not None:
                 if stop_str is None and seq.detokenizer:
                     new_text += seq.detokenizer.flush()

@@ -1,15 +1,17 @@
 """Sampler: next-token logits [B, V] -> one token per row, each row under its own SamplingParams;
 Detokenizer: one request's text with stop strings; check_stop: when a request ends.
 
-The sampler follows vLLM's order: penalties (repetition over prompt + output, then frequency and
-presence over the output), min_tokens (EOS and stop_token_ids masked), then greedy rows take the
+The sampler follows vLLM's order: the grammar's mask of a structured output (tokens it does not
+allow next at -inf), logit_bias added, penalties (repetition over prompt + output, then frequency
+and presence over the output), min_tokens (EOS and stop_token_ids masked), then greedy rows take the
 argmax and the others go through temperature, top-k, top-p and min-p before the draw. Every step is
-one tensor operation over the batch; only the draw of a seeded row is per row, from that request's
-own generator, so its tokens do not depend on which requests share its batch.
+one tensor operation over the batch, over only the rows a rule concerns (a batch where no row has a
+grammar or a bias does no work for them); only the draw of a seeded row is per row, from that
+request's own generator, so its tokens do not depend on which requests share its batch.
 
 Logprobs are those of the raw model distribution, log_softmax of the logits as they come in, before
-penalties and temperature: vLLM's default (logprobs_mode="raw_logprobs"), and what a user comparing
-against the model expects.
+the grammar's mask, bias, penalties and temperature: vLLM's default (logprobs_mode="raw_logprobs"),
+and what a user comparing against the model expects.
 
 `reference_process` is the slow twin of `Sampler.process`: one row, one rule at a time, in loops.
 """
@@ -26,6 +28,7 @@ from ..tokenizer import StreamDecoder, Tokenizer
 from .host import to_device
 from .kernels import greedy as greedy_kernel
 from .params import SamplingParams
+from .structured import allows, allows_other_than, unpack
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
@@ -46,6 +49,9 @@ class RowState:
     output_ids: Sequence[int]  # generated so far, for penalties and min_tokens
     generator: torch.Generator | None = None  # make_generator(params.seed, device)
     eos_id: int | None = None
+    # a structured output's next-token mask: packed bits on the host, [ceil(V / 32)] int32
+    # (GrammarCompiler.fill_bitmask's row); None for a free row
+    allowed: torch.Tensor | None = None
 
 
 @dataclass
@@ -112,6 +118,8 @@ class Sampler:
         if _plain_greedy(rows):
             return logits.float()
         logits = logits.to(torch.float32, copy=True)
+        _apply_allowed(logits, rows)
+        _apply_logit_bias(logits, rows)
         _apply_penalties(logits, rows)
         _apply_min_tokens(logits, rows)
 
@@ -150,8 +158,40 @@ class Sampler:
 
 
 def _plain_greedy(rows: Sequence[RowState]) -> bool:
-    """Every row takes the argmax of its logits as they come (no penalties, no min_tokens)."""
-    return all(r.params.greedy and not r.params.has_penalties and not r.params.min_tokens for r in rows)
+    """Every row takes the argmax of its logits as they come (no penalties, no min_tokens, no
+    grammar, no bias)."""
+    return all(r.params.greedy and not r.params.has_penalties and not r.params.min_tokens
+               and r.allowed is None and not r.params.logit_bias for r in rows)
+
+
+def _apply_allowed(logits: torch.Tensor, rows: Sequence[RowState]) -> None:
+    """In place, for the rows with a grammar: the tokens it does not allow next to -inf. The packed
+    masks cross to the device (from pinned memory, without waiting) and are unpacked there."""
+    which = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not which:
+        return
+    device = logits.device
+    packed = torch.stack([rows[i].allowed for i in which])
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    allowed = unpack(packed.to(device, non_blocking=True), logits.shape[1])
+    if len(which) == len(rows):
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
+    index = to_device(which, device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: Sequence[RowState]) -> None:
+    """In place, for the rows with a logit_bias: each bias added to its token's logit."""
+    entries = [(i, t, b) for i, r in enumerate(rows) if r.params.logit_bias
+               for t, b in r.params.logit_bias.items() if t < logits.shape[1]]
+    if not entries:
+        return
+    device = logits.device
+    index = to_device([(i, t) for i, t, _ in entries], device).T
+    bias = to_device([b for _, _, b in entries], device, torch.float32)
+    logits.index_put_((index[0], index[1]), bias, accumulate=True)
 
 
 def _apply_penalties(logits: torch.Tensor, rows: Sequence[RowState]) -> None:
@@ -190,12 +230,17 @@ def _counts(seqs: Sequence[Sequence[int]], vocab: int, device: torch.device) -> 
 
 def _min_tokens_banned(row: RowState) -> list[int]:
     """The tokens a row may not draw yet: those that would end it before min_tokens.
-    With ignore_eos, EOS ends nothing, so it stays allowed (vLLM masks it regardless)."""
+    With ignore_eos, EOS ends nothing, so it stays allowed (vLLM masks it regardless). A grammar
+    that allows nothing but these (a completed JSON object allows only EOS) wins over min_tokens:
+    banning them would leave the row nothing to draw."""
     p = row.params
     if len(row.output_ids) >= p.min_tokens:
         return []
     eos = [row.eos_id] if row.eos_id is not None and not p.ignore_eos else []
-    return eos + list(p.stop_token_ids)
+    banned = eos + list(p.stop_token_ids)
+    if banned and row.allowed is not None and not allows_other_than(row.allowed, banned):
+        return []
+    return banned
 
 
 def _apply_min_tokens(logits: torch.Tensor, rows: Sequence[RowState]) -> None:
@@ -232,6 +277,12 @@ def reference_process(logits: torch.Tensor, row: RowState) -> torch.Tensor:
     """Slow twin of Sampler.process for one row: logits [V] -> [V], one rule at a time."""
     x = logits.to(torch.float32, copy=True)
     p = row.params
+    if row.allowed is not None:
+        for t in range(len(x)):
+            if not allows(row.allowed, t):
+                x[t] = float("-inf")
+    for t, bias in (p.logit_bias or {}).items():
+        x[t] = x[t] + bias
     if p.repetition_penalty != 1:
         for t in set(row.prompt_ids) | set(row.output_ids):
             x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty

@@ -35,6 +35,7 @@ class Sequence:
     stop_reason: str | int | None = None
     generator: torch.Generator | None = None
     detokenizer: "object | None" = None
+    grammar: "object | None" = None  # structured.Grammar: the output's matcher, for structured outputs
     text: str = ""
     logprobs: list = field(default_factory=list)
     # prompt_logprobs: entry i for prompt token i (None for the first), filled as chunks run
