@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -55,8 +56,10 @@ from dsv2.checkpoint import random_model  # noqa: E402
 from dsv2.config import ModelConfig, preset  # noqa: E402
 from dsv2.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from dsv2.engine.cache import PagedLatentCache  # noqa: E402
+from dsv2.engine.llm import KV_CACHE_DTYPES  # noqa: E402
 from dsv2.info import count_params  # noqa: E402
 from dsv2.model import Transformer  # noqa: E402
+from dsv2.model.fp8_layers import quantize_model_  # noqa: E402
 
 # Dense bf16 tensor-core peak, FLOP/s, from the SXM datasheets (the sparsity figures are 2x these).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
@@ -159,15 +162,34 @@ def kv_bytes_per_token(config: ModelConfig, engine: LLMEngine | None = None, dty
 
 
 def decode_limit(config: ModelConfig, wb: dict, batch: int, context: float, kv_per_token: float,
-                 bandwidth: float) -> dict:
+                 bandwidth: float, peak: float | None = None, matmul_peak: float | None = None) -> dict:
+    """A decode step's limit: its bytes over the copy bandwidth, or, where that is shorter, its FLOPs
+    over the dense peak (`matmul_peak` for the linear layers, FP8's where the weights are FP8; the
+    absorbed attention over the latent cache at `peak`). Large batches cross from bytes to FLOPs."""
     experts = _experts(config, wb, batch)
     weights = wb["every_step"] + wb["moe_layers"] * experts * wb["per_expert"] + batch * wb["row_bytes"]
     kv = batch * context * kv_per_token
     seconds = (weights + kv) / bandwidth
+    flops = decode_flops(config, batch, context)
+    if peak:
+        seconds = max(seconds, flops["linear"] / (matmul_peak or peak) + flops["attention"] / peak)
     return {"bytes": weights + kv, "weight_bytes": weights, "kv_bytes": kv,
-            "experts_per_layer_expected": experts,
+            "experts_per_layer_expected": experts, "flops": flops["linear"] + flops["attention"],
             "kv_bytes_per_token": kv_per_token, "context_mean": context, "step_ms": seconds * 1e3,
             "tok_s": batch / seconds}
+
+
+def decode_flops(config: ModelConfig, batch: int, context: float) -> dict:
+    """One decode step's FLOPs: 2 x activated parameters per row (the embedding is a lookup) and,
+    per layer and head, the absorbed attention's scores over kv_lora_rank + rope and its weighted
+    sum over kv_lora_rank for every cached token."""
+    linear = 2 * (count_params(config)["activated"] - config.vocab_size * config.hidden_size) * batch
+    if config.kv_lora_rank:
+        per_token = 2 * (2 * config.kv_lora_rank + config.qk_rope_head_dim)
+    else:  # MHA: q.k over the head dim, p.v over v_head_dim
+        per_token = 2 * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+    attention = per_token * config.num_attention_heads * config.num_hidden_layers * context * batch
+    return {"linear": linear, "attention": attention}
 
 
 def _experts(config: ModelConfig, wb: dict, tokens: int) -> float:
@@ -423,21 +445,42 @@ def hf_prefill(model, n: int, s: int, reps: int, warmup: int) -> dict:
 
 
 # --- maximum generation throughput -----------------------------------------------------------------
-def max_throughput_row(config: ModelConfig, device: torch.device, dtype: torch.dtype, args, bandwidth: float,
-                       opts: dict) -> dict:
+def model_spec(spec: str) -> tuple[str, bool, str | None]:
+    """'PRESET[+fp8][+kv=DTYPE]' -> (preset, FP8 weights, cache dtype): the paper's deployment setting
+    is 'deepseek-v2-lite+fp8+kv=6bit'."""
+    name, *opts = spec.split("+")
+    fp8_weights, kv = False, None
+    for o in opts:
+        if o == "fp8":
+            fp8_weights = True
+        elif o.startswith("kv=") and o[3:] in KV_CACHE_DTYPES:
+            kv = o[3:]
+        else:
+            raise ValueError(f"{spec}: unknown option {o!r} (fp8, kv={'|'.join(KV_CACHE_DTYPES)})")
+    return name, fp8_weights, kv
+
+
+def max_throughput_row(spec: str, device: torch.device, dtype: torch.dtype, args, bandwidth: float,
+                       opts: dict, peak: float | None) -> dict:
+    name, fp8_weights, kv = model_spec(spec)
+    config = preset(name)
     model = random_model(config, device, dtype)
+    if fp8_weights:
+        quantize_model_(model)
+    cache_dtype = KV_CACHE_DTYPES[kv] if kv else None
     wb = weight_bytes(model)
     total = args.mt_prompt + args.mt_gen
     ecfg = dict(max_num_seqs=args.max_batch, max_num_batched_tokens=args.mt_batched_tokens,
                 block_size=args.block_size, max_model_len=total, enable_prefix_caching=False, **opts)
     num_blocks = None  # the engine sizes its cache from free memory (gpu_memory_utilization)
     if args.mt_cache_mib:  # a fixed budget instead (smoke runs: the CPU default is 4 GiB)
-        probe = LLMEngine(model, None, engine_config(**ecfg, num_blocks=math.ceil(total / args.block_size)))
+        probe = LLMEngine(model, None, engine_config(**ecfg, num_blocks=math.ceil(total / args.block_size)),
+                          cache_dtype)
         per_block = probe.pages.nbytes / probe.pages.num_blocks
         del probe
         num_blocks = max(1, int(args.mt_cache_mib * 2**20 // per_block))
     engine = LLMEngine(model, None, engine_config(**ecfg, num_blocks=num_blocks,
-                                                  gpu_memory_utilization=args.mt_memory))
+                                                  gpu_memory_utilization=args.mt_memory), cache_dtype)
     num_blocks = engine.blocks.num_blocks
     fits = num_blocks // math.ceil(total / args.block_size)
     batch = min(fits, args.max_batch)
@@ -445,7 +488,8 @@ def max_throughput_row(config: ModelConfig, device: torch.device, dtype: torch.d
            "num_blocks": num_blocks, "cache_tokens": num_blocks * args.block_size,
            "cache_bytes": getattr(engine.pages, "nbytes", None),
            "kv_bytes_per_token": kv_bytes_per_token(config, engine),
-           "sequences_fit": fits, "batch": batch, "prompt": args.mt_prompt, "gen": args.mt_gen}
+           "sequences_fit": fits, "batch": batch, "prompt": args.mt_prompt, "gen": args.mt_gen,
+           "weights": "fp8" if fp8_weights else str(dtype).removeprefix("torch."), "kv_cache_dtype": kv or "auto"}
     log(f"  cache {num_blocks} blocks = {out['cache_tokens']} tokens "
         f"({out['kv_bytes_per_token']:.0f} B/token): {fits} sequences of {total} fit, running {batch}")
     # the same run twice, timing the second: the first compiles and captures every step shape the
@@ -456,9 +500,11 @@ def max_throughput_row(config: ModelConfig, device: torch.device, dtype: torch.d
     # the batch shrinks as sequences finish (the first admitted finish first): the limit is each
     # timed step's own, at the rows it ran
     rows = [r for r in out["decode_rows_per_step"] if r]
-    out["limit"] = decode_limit(config, wb, max(1, round(out["decode_rows_mean"])), context,
-                                out["kv_bytes_per_token"], bandwidth)
-    step_ms = [decode_limit(config, wb, r, context, out["kv_bytes_per_token"], bandwidth)["step_ms"] for r in rows]
+    matmul_peak = peak and peak * (2 if fp8_weights else 1)  # FP8 tensor cores: twice bf16's rate
+    limit = functools.partial(decode_limit, config, wb, context=context, kv_per_token=out["kv_bytes_per_token"],
+                              bandwidth=bandwidth, peak=peak, matmul_peak=matmul_peak)
+    out["limit"] = limit(max(1, round(out["decode_rows_mean"])))
+    step_ms = [limit(r)["step_ms"] for r in rows]
     if step_ms:
         out["limit"]["tok_s"] = sum(rows) / (sum(step_ms) / 1e3)
     del engine, model
@@ -508,24 +554,34 @@ def _max_throughput_pass(engine, batch: int, config: ModelConfig, args, device, 
     return warmup, steps
 
 
-def run_max_throughput(args, device, dtype, bandwidth, opts) -> dict:
+def run_max_throughput(args, device, dtype, bandwidth, opts, peak, on_row=None) -> dict:
+    """Each model of --mt-models; every one but the last against the last (the dense baseline).
+    `on_row(rows)` after each model, so that a run cut short keeps what it measured."""
     rows = {}
-    for spec in args.mt_models.split(","):
+    specs = args.mt_models.split(",")
+    for spec in specs:
         try:
-            config = preset(spec)
+            model_spec(spec)
+            preset(model_spec(spec)[0])
         except (KeyError, ValueError) as e:
-            msg = f"{spec}: not available in dsv2.config yet ({type(e).__name__}: {e}); skipped"
+            msg = f"{spec}: not available ({type(e).__name__}: {e}); skipped"
             log(msg)
             rows[spec] = {"status": "skipped", "reason": msg}
             continue
         log(f"max throughput: {spec}")
-        rows[spec] = guarded(spec, lambda c=config: max_throughput_row(c, device, dtype, args, bandwidth,
-                                                                       opts))
-    specs = args.mt_models.split(",")
-    a, b = (rows.get(s, {}) for s in specs[:2]) if len(specs) >= 2 else ({}, {})
-    ratio = (a["decode_tok_s"] / b["decode_tok_s"]) if a.get("status") == b.get("status") == "ok" else None
-    gen_ratio = (a["generation_tok_s"] / b["generation_tok_s"]) if ratio else None
-    return {"models": rows, "ratio_of": specs[:2], "ratio_decode": ratio, "ratio_generation": gen_ratio,
+        rows[spec] = guarded(spec, lambda s=spec: max_throughput_row(s, device, dtype, args, bandwidth, opts, peak))
+        free_memory()
+        if on_row is not None:
+            on_row(rows)
+    base = rows[specs[-1]]
+    ratios = {}
+    for spec in specs[:-1]:
+        if rows[spec].get("status") == base.get("status") == "ok":
+            ratios[spec] = {"decode": rows[spec]["decode_tok_s"] / base["decode_tok_s"],
+                            "generation": rows[spec]["generation_tok_s"] / base["generation_tok_s"]}
+    first = ratios.get(specs[0], {})
+    return {"models": rows, "baseline": specs[-1], "ratios": ratios, "ratio_of": [specs[0], specs[-1]],
+            "ratio_decode": first.get("decode"), "ratio_generation": first.get("generation"),
             "paper_ratio": PAPER_MAX_THROUGHPUT_RATIO, "prompt": args.mt_prompt, "gen": args.mt_gen,
             "gpu_memory_utilization": args.mt_memory, "cache_mib": args.mt_cache_mib,
             "max_batch": args.max_batch}
@@ -596,20 +652,23 @@ def print_tables(res: dict) -> None:
                  f"cache from gpu_memory_utilization {mt['gpu_memory_utilization']}")
         print(f"\nmaximum generation throughput: prompt {mt['prompt']} + {mt['gen']} generated tokens per "
               f"sequence, {cache}, batch = sequences that fit, at most {mt['max_batch']}")
-        print(f"{'model':<22}{'KV B/token':>11}{'cache tokens':>14}{'fit':>7}{'batch':>7}{'rows/step':>10}"
+        print(f"{'model':<30}{'KV B/token':>11}{'cache tokens':>14}{'fit':>7}{'batch':>7}{'rows/step':>10}"
               f"{'decode tok/s':>14}{'ms/step':>9}{'with prefill':>14}{'roofline':>16}{'% roofline':>12}")
         for name, r in mt["models"].items():
             if r.get("status") != "ok":
-                print(f"{name:<22}{r.get('status')}: {r.get('reason') or r.get('error', '')}")
+                print(f"{name:<30}{r.get('status')}: {r.get('reason') or r.get('error', '')}")
                 continue
             pct = r["decode_tok_s"] / r["limit"]["tok_s"] * 100
-            print(f"{name:<22}{r['kv_bytes_per_token']:>11,.0f}{r['cache_tokens']:>14,}{r['sequences_fit']:>7}"
+            print(f"{name:<30}{r['kv_bytes_per_token']:>11,.0f}{r['cache_tokens']:>14,}{r['sequences_fit']:>7}"
                   f"{r['batch']:>7}{r['decode_rows_mean']:>10,.0f}"
                   f"{r['decode_tok_s']:>14,.0f}{r['ms_per_step']:>9.1f}{r['generation_tok_s']:>14,.0f}"
                   f"{r['limit']['tok_s']:>16,.0f}{pct:>11.1f}%")
-        if mt["ratio_decode"]:
-            print(f"{' / '.join(mt['ratio_of'])}: decode {mt['ratio_decode']:.2f}x, with prefill "
-                  f"{mt['ratio_generation']:.2f}x (paper, DeepSeek-V2 / DeepSeek 67B: {mt['paper_ratio']}x)")
+        ratios = mt.get("ratios") or ({mt["ratio_of"][0]: {"decode": mt["ratio_decode"],
+                                                          "generation": mt["ratio_generation"]}}
+                                      if mt.get("ratio_decode") else {})
+        for spec, r in ratios.items():
+            print(f"{spec} / {mt.get('baseline', mt['ratio_of'][-1])}: decode {r['decode']:.2f}x, with prefill "
+                  f"{r['generation']:.2f}x (paper, DeepSeek-V2 / DeepSeek 67B: {mt['paper_ratio']}x)")
 
 
 def plot(res: dict, path: Path) -> None:
@@ -790,7 +849,7 @@ def main(argv=None) -> dict:
                 kv = r.get("kv_bytes_per_token") or kv_bytes_per_token(config, None, dtype)
                 context = args.context + args.warmup_steps + (args.decode_steps + 1) / 2
                 row = {"batch": b, "context": args.context, "dsv2": r,
-                       "limit": decode_limit(config, wb, b, context, kv, bandwidth)}
+                       "limit": decode_limit(config, wb, b, context, kv, bandwidth, peak)}
                 row["experts_measured"] = _status(guarded("experts", lambda b=b: {
                     "status": "ok", "n": experts_touched(model, b)}), "n") if wb["moe_layers"] else 0.0
                 if not isinstance(row["experts_measured"], float):
@@ -845,7 +904,11 @@ def main(argv=None) -> dict:
     res["decode"], res["prefill"] = decode_rows, prefill_rows
 
     if "maxtp" in args.sections:
-        res["max_throughput"] = run_max_throughput(args, device, dtype, bandwidth, opts)
+        def partial(rows):
+            res["max_throughput"] = {"models": rows, "partial": True}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(res, indent=2, default=str))
+        res["max_throughput"] = run_max_throughput(args, device, dtype, bandwidth, opts, peak, partial)
 
     res["complete"] = True
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,13 +2,15 @@
 
 Covers: /health, /v1/models and the chat page; completions and chat completions, streamed and not
 (streamed text equals the greedy text, usage counts, n and several prompts, token-id prompts, echo,
-logprobs), stop strings and stop token ids, seeds; OpenAI error bodies for malformed and refused
-requests, the API key (401) and admission (429 with Retry-After); a client that leaves mid-request
+logprobs), stop strings and stop token ids, seeds; structured outputs (response_format, vLLM's
+fields) for many concurrent mixed requests, and logit_bias; OpenAI error bodies for malformed and
+refused requests, the API key (401) and admission (429 with Retry-After); a client that leaves mid-request
 has its request aborted and its cache pages freed; SIGTERM lets an open stream finish; /metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -18,9 +20,11 @@ import openai
 import pytest
 
 from dsv2.cli import bundled_model_dir
+from dsv2.engine import StructuredOutputsParams
 from dsv2.tokenizer import Tokenizer
 
 from .server_util import running_server
+from .structured_util import CHOICES, LARK, PALETTE, POINT, REGEX, USER, check_output
 
 MODEL = "dsv2-bundled"
 KEY = "sk-test-key"
@@ -266,6 +270,119 @@ def test_seeds(client):
     assert sample(1234) != sample(4321)  # 16 tokens drawn at temperature 1: equal only by a fluke
 
 
+# --- structured outputs and logit_bias --------------------------------------------------------------
+
+FEW_SHOT = 'd = {"name": "Hamlet", "age": 30}\nd = {"name": "Romeo", "age": 17}\nd = '
+
+
+def test_structured_outputs_many_concurrent_requests(url):
+    """Every kind of structured output at once, beside free requests, through the openai client:
+    each constrained output follows its spec, each free one has its length; every page is free after."""
+    aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def fmt(schema):
+        return {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+
+    async def chat(messages, spec, stream=False, **kw):
+        kw = {"model": MODEL, "messages": messages, "max_tokens": 230, "temperature": 0, **kw}
+        if not stream:
+            out = await aclient.chat.completions.create(**kw)
+            return spec, out.choices[0].message.content, out.choices[0].finish_reason
+        text, finish = "", None
+        async for chunk in await aclient.chat.completions.create(stream=True, **kw):
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        return spec, text, finish
+
+    async def complete(prompt, spec, **kw):
+        out = await aclient.completions.create(**{"model": MODEL, "prompt": prompt, "max_tokens": 230,
+                                                  "temperature": 0, **kw})
+        return spec, out.choices[0].text, out.choices[0].finish_reason, out.usage.completion_tokens
+
+    def spec(**kw):
+        return StructuredOutputsParams(**kw)
+
+    ask = [{"role": "user", "content": "Describe one character as JSON."}]
+    jobs = []
+    for schema in (USER, PALETTE, POINT):
+        for extra in ({}, {"temperature": 0.8, "seed": 5}):
+            jobs.append(chat(ask, spec(json=schema), response_format=fmt(schema), **extra))
+    jobs += [
+        chat(ask, spec(json=USER), stream=True, response_format=fmt(USER), temperature=0.8, seed=3),
+        complete(FEW_SHOT, spec(json=USER), extra_body={"response_format": fmt(USER)}, temperature=0.8, seed=1),
+        complete(FEW_SHOT, spec(json=USER), extra_body={"guided_json": USER}),
+        complete(FEW_SHOT, spec(json=POINT), temperature=0.8, seed=2,
+                 extra_body={"structured_outputs": {"json": POINT, "disable_any_whitespace": True}}),
+        complete("Pick a name:", spec(choice=CHOICES), extra_body={"guided_choice": CHOICES}),
+        chat(ask, spec(choice=CHOICES), extra_body={"guided_choice": CHOICES}, temperature=0.8, seed=4),
+        complete("Code:", spec(regex=REGEX), extra_body={"guided_regex": REGEX}, temperature=0.8, seed=6),
+        complete("Sum:", spec(grammar=LARK), extra_body={"guided_grammar": LARK}),
+    ]
+    objects = [complete(FEW_SHOT, None, extra_body={"response_format": {"type": "json_object"}}, seed=s,
+                        temperature=0.8, max_tokens=96) for s in range(3)]
+    objects += [complete(FEW_SHOT, None, extra_body={"structured_outputs": {"json_object": True,
+                                                                            "disable_any_whitespace": True}},
+                         seed=s, temperature=0.8, max_tokens=96) for s in range(3)]
+    free = [complete(PROMPT, None, max_tokens=20, temperature=t, seed=1, extra_body=EXACT) for t in (0, 0.9)] * 2
+
+    async def run():
+        return await asyncio.gather(asyncio.gather(*jobs), asyncio.gather(*objects), asyncio.gather(*free))
+
+    constrained, json_objects, free_outputs = asyncio.run(run())
+    for spec_, text, finish, *_ in constrained:
+        check_output(spec_, text, finish)
+    stopped = [text for _, text, finish, _ in json_objects if finish == "stop"]
+    assert len(stopped) >= 3  # any object is unbounded: most end, and those that end are objects
+    assert all(isinstance(json.loads(text), dict) for text in stopped)
+    assert all(finish == "length" and n == 20 for _, _, finish, n in free_outputs)
+    wait_idle(url)
+
+
+def test_structured_outputs_errors(url, client):
+    """A spec that does not compile, or two of them, is a 400 naming the field, before any work."""
+    def post(**fields):
+        return httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4, **fields})
+
+    cases = [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+         "response_format", "Invalid type: foo"),
+        ({"guided_json": {"type": "string", "minLength": 3, "maxLength": 1}}, "guided_json", "Unsatisfiable"),
+        ({"guided_json": "{not json"}, "guided_json", "guided_json is not valid JSON"),
+        ({"guided_regex": "[0-9"}, "guided_regex", "unclosed character class"),
+        ({"guided_grammar": "start: foo"}, "guided_grammar", "unknown name"),
+        ({"guided_choice": []}, "guided_choice", "non-empty list"),
+        ({"structured_outputs": {"regex": "(", "disable_any_whitespace": True}}, "structured_outputs", "regex"),
+        ({"structured_outputs": {}}, "structured_outputs", "exactly one"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "at most one"),
+    ]
+    for fields, param, reason in cases:
+        r = post(**fields)
+        assert_error(r, 400, param)
+        assert reason in r.json()["error"]["message"], r.json()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": 5}}})
+    assert e.value.param == "response_format" and "properties must be an object" in e.value.message
+    # text is no constraint at all
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2,
+                                          response_format={"type": "text"}).choices[0].message.content
+    wait_idle(url)
+
+
+def test_logit_bias(client, tokenizer):
+    the = tokenizer.encode(" the")[0]
+    for temperature in (0, 1.0):
+        out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=temperature, seed=0,
+                                        logit_bias={str(the): 100}, extra_body=EXACT).choices[0]
+        assert out.text == " the" * 5
+    tokens = greedy(client, max_tokens=8, logprobs=0).choices[0].logprobs.tokens
+    banned = {str(tokenizer.encode(t)[0]): -100 for t in tokens if len(tokenizer.encode(t)) == 1}
+    assert banned
+    out = greedy(client, max_tokens=8, logprobs=0, logit_bias=banned).choices[0].logprobs.tokens
+    assert not {str(tokenizer.encode(t)[0]) for t in out if len(tokenizer.encode(t)) == 1} & set(banned)
+
+
 # --- errors ----------------------------------------------------------------------------------------
 
 def test_invalid_json(url):
@@ -285,18 +402,25 @@ BAD = [  # (endpoint, fields over a valid request, the param the error names); o
     ("completions", {"n": 0}, "n"),
     ("completions", {"n": 129}, "n"),
     ("completions", {"suffix": "the end"}, "suffix"),
-    ("completions", {"logit_bias": {"13": 5.0}}, "logit_bias"),
+    ("completions", {"logit_bias": {"13": 100.5}}, "logit_bias"),
+    ("completions", {"logit_bias": {"13x": 5.0}}, "logit_bias"),
+    ("completions", {"logit_bias": {"8192": 5.0}}, "logit_bias"),  # the bundled vocabulary is 8,192
+    ("completions", {"logit_bias": {str(i): 1.0 for i in range(301)}}, "logit_bias"),
     ("chat", {"messages": openai.omit}, "messages"),
     ("chat", {"max_tokens": "5"}, "max_tokens"),
     ("chat", {"temperature": "hot"}, "temperature"),
     ("chat", {"top_logprobs": 2}, "top_logprobs"),
-    ("chat", {"logit_bias": {"13": 5.0}}, "logit_bias"),
+    ("chat", {"logit_bias": {"13": -101}}, "logit_bias"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+     "response_format"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ("chat", {"response_format": {"type": "xml"}}, "response_format.type"),
     ("chat", {"max_tokens": 0}, "max_tokens"),
 ]
 
 
 @pytest.mark.parametrize("endpoint, fields, param", BAD,
-                         ids=[f"{e}-{k}={'omitted' if v is openai.omit else v}"
+                         ids=[f"{e}-{k}={'omitted' if v is openai.omit else str(v)[:40]}"
                               for e, f, _ in BAD for k, v in f.items()])
 def test_bad_request(client, endpoint, fields, param):
     chat = endpoint == "chat"

@@ -27,8 +27,8 @@ from .params import SamplingParams
 from .workers import ModelSpec, Workers, build_model, follow_forever, local_device
 
 # "auto" follows the model's dtype; "fp8" and "6bit" quantize the latent cache (engine/cache.py)
-_KV_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-              "fp8": "fp8", "6bit": "6bit"}
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                   "fp8": "fp8", "6bit": "6bit"}
 
 
 def _spec(model, dtype, device, max_num_seqs, max_model_len, max_num_batched_tokens, gpu_memory_utilization,
@@ -37,8 +37,8 @@ def _spec(model, dtype, device, max_num_seqs, max_model_len, max_num_batched_tok
     """LLM's settings checked, as every rank of an engine builds from them."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format {load_format!r}: expected 'auto' or 'dummy'")
-    if kv_cache_dtype not in _KV_DTYPES:
-        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: expected one of {', '.join(_KV_DTYPES)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
     if quantization not in (None, "fp8"):
         raise ValueError(f"quantization {quantization!r}: expected None or 'fp8'")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,7 +50,7 @@ def _spec(model, dtype, device, max_num_seqs, max_model_len, max_num_batched_tok
                        num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization,
                        enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
                        async_scheduling=async_scheduling, compile=compile, compile_prefill=compile)
-    return ModelSpec(str(model), device, model_dtype, quantization, load_format, cfg, _KV_DTYPES[kv_cache_dtype])
+    return ModelSpec(str(model), device, model_dtype, quantization, load_format, cfg, KV_CACHE_DTYPES[kv_cache_dtype])
 
 
 class LLM:

@@ -106,7 +106,19 @@ class Server:
         elif not 1 <= max_tokens <= room:
             raise ApiError(400, f"max_tokens must be in [1, {room}]: this model's maximum context length is "
                                 f"{self.max_model_len} tokens and the prompt has {len(ids)}.", param="max_tokens")
-        return req.sampling_params(max_tokens, logprobs)
+        spec, field = req.structured()
+        params = req.sampling_params(max_tokens, logprobs, spec)
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ApiError(400, f"logit_bias token ids must be in [0, {self.vocab_size}), got {max(params.logit_bias)}",
+                           param="logit_bias")
+        if spec is not None:
+            # compiled here, in the request's worker thread: a malformed spec is a 400 before the
+            # request is queued, and the engine thread finds the grammar in its cache
+            try:
+                self.engine.compile_grammar(params)
+            except ValueError as e:
+                raise ApiError(400, f"{field}: {e}", param=field) from None
+        return params
 
     def admit(self) -> None:
         """Count a request in flight, or refuse it when --max-pending already are; release() it."""
