@@ -297,3 +297,12 @@ def test_constrained_steps_run_synchronously(llm):
     while engine.has_unfinished_requests():
         engine.step()
 
+
+def test_structured_bench_smoke(tmp_path):
+    from bench import structured_bench
+
+    out = tmp_path / "structured.json"
+    res = structured_bench.main(["--smoke", "--batches", "2", "--modes", "free,mixed", "--out", str(out)])
+    assert [r["mode"] for r in res["rows"]] == ["free", "mixed"] and json.loads(out.read_text())["rows"]
+    assert all(r["status"] == "ok" and r["every_row_decoded"] for r in res["rows"])
+    assert res["rows"][0]["mask_calls"] == 0 and res["rows"][1]["mask_calls"] == res["rows"][1]["steps"]
