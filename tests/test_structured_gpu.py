@@ -33,7 +33,8 @@ def test_masks_and_bias_on_cuda_equal_the_cpu():
     assert torch.equal(torch.isfinite(on_cpu), torch.isfinite(on_gpu))
     torch.testing.assert_close(on_gpu, on_cpu)
     # drawn on the device: constrained rows draw allowed tokens
-    seeded = [RowState(r.params, [1, 2], [3], make_generator(i, "cuda"), r.eos_id, r.allowed) for i, r in enumerate(rows)]
+    seeded = [RowState(r.params, [1, 2], [3], make_generator(i, "cuda"), r.eos_id, r.allowed)
+              for i, r in enumerate(rows)]
     tokens = Sampler()(logits.cuda(), seeded).token_ids.tolist()
     for i, t in enumerate(tokens):
         assert torch.isfinite(on_cpu[i, t])
