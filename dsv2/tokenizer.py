@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from importlib.resources import files
 from pathlib import Path
 
+import jinja2
 import tokenizers
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -236,6 +237,25 @@ class StreamDecoder:
 
 
 @functools.lru_cache(maxsize=8)
+def read_chat_template(spec: str) -> str:
+    """A chat template given as vLLM's --chat-template takes it: a file's path, or the Jinja text
+    itself; checked to compile, so that a bad one fails at startup rather than at the first chat."""
+    path = Path(spec)
+    looks_inline = "{{" in spec or "{%" in spec
+    if not looks_inline:
+        try:
+            spec = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ValueError(f"chat template {str(path)!r}: not a readable file ({e.strerror or e}) "
+                             "and not a template (no '{{' or '{%')") from None
+    try:
+        _compile_template(spec)
+    except jinja2.TemplateSyntaxError as e:
+        where = "the given template" if looks_inline else str(path)
+        raise ValueError(f"chat template {where}: line {e.lineno}: {e.message}") from None
+    return spec
+
+
 def _compile_template(template: str):
     # Sandboxed and with transformers' whitespace settings, so both render a template identically.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])

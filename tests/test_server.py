@@ -27,6 +27,9 @@ from .server_util import running_server
 from .structured_util import CHOICES, LARK, PALETTE, POINT, REGEX, USER, check_output
 
 MODEL = "dsv2-bundled"
+ALIAS = "another-name"  # the guarded server's second --served-model-name
+# the guarded server's --chat-template: nothing like the tokenizer's own
+TEMPLATE = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
 KEY = "sk-test-key"
 PROMPT = "Once upon a time"
 # ignore_eos so that max_tokens is reached exactly: finish_reason "length", completion_tokens known
@@ -41,8 +44,9 @@ def url():
 
 @pytest.fixture(scope="module")
 def guarded_url():
-    """A key, one request in flight at most, and a 512-token context."""
-    with running_server("--api-key", KEY, "--max-pending", "1", "--max-model-len", "512") as (url, _):
+    """A key, one request in flight at most, a 512-token context, two names and another chat template."""
+    with running_server("--api-key", KEY, "--max-pending", "1", "--max-model-len", "512",
+                        "--served-model-name", MODEL, ALIAS, "--chat-template", TEMPLATE) as (url, _):
         yield url
 
 
@@ -456,6 +460,34 @@ def test_api_key(guarded_url, guarded):
     assert_error(httpx.get(guarded_url + "/v1/models"), 401, code="invalid_api_key")
     assert_error(httpx.post(guarded_url + "/v1/completions", json={"model": MODEL, "prompt": "x"}), 401)
     assert guarded.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].text is not None
+
+
+def test_served_model_names_and_chat_template(guarded_url, guarded, tokenizer):
+    """vLLM's --served-model-name with several names and --chat-template in place of the tokenizer's."""
+    models = guarded.models.list().data
+    assert [m.id for m in models] == [MODEL, ALIAS] and {m.model_extra["max_model_len"] for m in models} == {512}
+    out = guarded.completions.create(model=ALIAS, prompt=PROMPT, max_tokens=2)
+    assert out.model == ALIAS  # a response names the model asked for
+    assert guarded.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=2).model == MODEL
+    with pytest.raises(openai.BadRequestError, match=ALIAS):
+        guarded.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    got = httpx.post(guarded_url + "/tokenize", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"model": ALIAS, "messages": messages}).json()
+    assert got["tokens"] == tokenizer.encode("<<hi>><<yo>>A:")
+
+
+def test_chat_template_option(tmp_path):
+    from dsv2.tokenizer import read_chat_template
+
+    path = tmp_path / "template.jinja"
+    path.write_text(TEMPLATE)
+    assert read_chat_template(str(path)) == read_chat_template(TEMPLATE) == TEMPLATE
+    with pytest.raises(ValueError, match="line 1"):
+        read_chat_template("{% for m in messages %}unclosed")
+    with pytest.raises(ValueError, match="not a readable file"):
+        read_chat_template(str(tmp_path / "missing.jinja"))
 
 
 def test_too_many_pending(guarded_url, guarded):

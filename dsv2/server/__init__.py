@@ -16,8 +16,11 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("DSV2_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $DSV2_API_KEY; unset: open)")
-    p.add_argument("--served-model-name", default=None,
-                   help=f"the model id clients send (default: --model as given, or {BUNDLED_NAME})")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model ids clients may send; responses name the one asked for, /v1/models "
+                        f"lists them all (default: --model as given, or {BUNDLED_NAME})")
+    p.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="a Jinja chat template (its file, or the text itself) in place of the tokenizer's")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -64,6 +67,7 @@ def serve(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from ..resources import bundled_model_dir
+    from ..tokenizer import read_chat_template
     from ..engine.async_llm import AsyncLLM
     from ..engine.llm import LLM
     from ..engine.workers import join_torchrun, launched_by_torchrun
@@ -78,6 +82,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_request_bytes is not None and args.max_request_bytes < 1:
         raise ValueError(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
     model = args.model or bundled_model_dir()
+    template = None if args.chat_template is None else read_chat_template(args.chat_template)
     settings = dict(dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
                     max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                     gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
@@ -94,7 +99,9 @@ def serve(args: argparse.Namespace) -> int:
         w = engine.warmup_report
         print(f"dsv2 serve: warmed up in {w['seconds']:.1f} s (decode batches {w['batch_sizes']}, "
               f"a {w['long_prompt']}-token prompt)", flush=True)
-    name = args.served_model_name or args.model or BUNDLED_NAME
+    if template is not None:
+        engine.tokenizer.chat_template = template
+    name = args.served_model_name or [args.model or BUNDLED_NAME]
     limits = Limits(args.max_request_bytes or default_max_request_bytes(engine.engine.max_model_len),
                     args.body_timeout, args.header_timeout, args.max_connections)
     open_files = raise_open_files_limit(limits.max_connections + 256)
@@ -112,6 +119,6 @@ def serve(args: argparse.Namespace) -> int:
     # machine, in the first burst of connections)
     gc.collect()
     gc.freeze()
-    print(f"dsv2 serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
+    print(f"dsv2 serve: {', '.join(name)} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
     process.run()
     return process.exit_code

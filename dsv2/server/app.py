@@ -19,7 +19,7 @@ import functools
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from importlib.resources import files
 
 from fastapi import FastAPI, Request
@@ -44,11 +44,16 @@ def shutting_down() -> ApiError:
 
 
 class Server:
-    """State shared by the routes: the engine, the served name, admission and metrics."""
+    """State shared by the routes: the engine, the served names, admission and metrics."""
 
-    def __init__(self, engine: AsyncLLM, model_name: str, api_key: str | None = None, max_pending: int = 1024,
-                 limits: Limits | None = None):
-        self.engine, self.model_name, self.api_key, self.max_pending = engine, model_name, api_key, max_pending
+    def __init__(self, engine: AsyncLLM, model_name: str | Sequence[str], api_key: str | None = None,
+                 max_pending: int = 1024, limits: Limits | None = None):
+        # several names, as vLLM's --served-model-name: requests may use any, responses echo theirs
+        self.model_names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
+        if not self.model_names:
+            raise ValueError("at least one served model name")
+        self.model_name = self.model_names[0]
+        self.engine, self.api_key, self.max_pending = engine, api_key, max_pending
         self.max_model_len = engine.engine.max_model_len
         self.vocab_size = engine.engine.model.config.vocab_size
         self.token_text = TokenText(engine.tokenizer)
@@ -78,8 +83,9 @@ class Server:
                            code="invalid_api_key")
 
     def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise ApiError(400, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+        if model not in self.model_names:
+            served = ", ".join(f"`{n}`" for n in self.model_names)
+            raise ApiError(400, f"The model `{model}` does not exist; this server serves {served}.",
                            param="model", code="model_not_found")
 
     def fits(self, text: str) -> None:
@@ -361,8 +367,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
-                                            "owned_by": "dsv2", "max_model_len": server.max_model_len}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": server.created, "owned_by": "dsv2",
+                                            "root": server.model_name, "max_model_len": server.max_model_len}
+                                           for name in server.model_names]}
 
     @app.post("/tokenize", openapi_extra=_body(TokenizeRequest))
     async def tokenize(request: Request):
@@ -375,7 +382,7 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions", openapi_extra=_body(CompletionRequest))
     async def completions(request: Request):
         req, prompts, jobs = await run_in_threadpool(_prepare_completion, server, await request.body())
-        rid, model, created = new_id("cmpl"), server.model_name, int(time.time())
+        rid, model, created = new_id("cmpl"), req.model, int(time.time())
         tokenizer = server.engine.tokenizer
 
         def echo(i: int) -> str:
@@ -416,7 +423,7 @@ def create_app(server: Server) -> FastAPI:
     async def chat_completions(request: Request):
         req, jobs = await run_in_threadpool(_prepare_chat, server, await request.body())
         top_n = req.top_logprobs or 0
-        rid, model, created = new_id("chatcmpl"), server.model_name, int(time.time())
+        rid, model, created = new_id("chatcmpl"), req.model, int(time.time())
 
         def logprobs(c, start: int):
             return chat_logprobs(c, start, top_n, server.token_text) if c.logprobs is not None else None
