@@ -46,13 +46,9 @@ import json
 import math
 import random
 import shlex
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -61,10 +57,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsv2.cli import bundled_model_dir  # noqa: E402
-from dsv2.config import PRESETS, preset  # noqa: E402
+# start_server and stop_server are imported from here by bench/hostile_bench.py and tests/server_util.py
+from bench._serve import (  # noqa: E402, F401
+    is_token_chunk, local_device, local_vocab, serving, shape_serve_args, start_server, stop_server,
+)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # the words of --endpoint chat prompts: common ones, so most are one token in any English BPE
 WORDS = ("the of and to in is that it was for on are as with his they at be this from have or by one "
          "had not but what all were when we there can an your which their said if do will each about how "
@@ -133,18 +130,6 @@ def disconnect_points(load: Load) -> list[int | None]:
     return [rng.randint(0, load.max_tokens // 2) if i in leaving else None for i in range(load.requests)]
 
 
-def _is_token_chunk(choice: dict, chat: bool) -> bool:
-    """Whether a streamed choice stands for one generated token.
-
-    The server sends one chunk per engine step that advanced a sample (ChoiceStream.news), and a
-    step advances a sample by exactly one token, so token chunks == generated tokens. Chunks are
-    counted rather than text pieces because incremental detokenization holds back the text of a
-    token that ends mid-character (its chunk has empty text) and ids past the tokenizer have none.
-    Requesting logprobs would list each chunk's tokens explicitly, but it makes the engine run every
-    step synchronously, changing what is measured. A chat stream's first chunk only names the role."""
-    return not (chat and "role" in choice.get("delta", {}))
-
-
 async def stream_one(client: httpx.AsyncClient, path: str, body: dict, s: Stream) -> None:
     chat = path.endswith("chat/completions")
     s.start = time.perf_counter()
@@ -170,7 +155,7 @@ async def stream_one(client: httpx.AsyncClient, path: str, body: dict, s: Stream
                 if chunk.get("usage"):
                     s.usage = chunk["usage"]
                 for choice in chunk["choices"]:
-                    if _is_token_chunk(choice, chat):
+                    if is_token_chunk(choice, chat):
                         s.times.append(time.perf_counter())
                     s.finish_reason = choice.get("finish_reason") or s.finish_reason
                 if s.disconnect_after is not None and len(s.times) >= s.disconnect_after:
@@ -359,106 +344,6 @@ def measure(url: str, load: Load, model: str | None = None, api_key: str | None 
     return res
 
 
-# --- a server of our own --------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def shape_model_dir(name: str, directory: Path) -> Path:
-    """A model directory of preset `name`'s config.json (bf16) and the bundled tokenizer, for
-    --load-format dummy."""
-    config = preset(name).to_hf()
-    config["torch_dtype"] = "bfloat16"
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for f in TOKENIZER_FILES:
-        shutil.copy(bundled_model_dir() / f, directory / f)
-    return directory
-
-
-def start_server(serve_args: list[str], log_path: Path, timeout_s: float,
-                 launcher: list[str] | None = None) -> tuple[str, subprocess.Popen]:
-    """`python -m dsv2 serve` (or `launcher` + `serve`, e.g. a prelude through python -c) on a free
-    local port; (its URL, its process) once /health answers. Its output goes to log_path (a pipe
-    nobody reads could fill and stall it)."""
-    port = _free_port()
-    cmd = [*(launcher or [sys.executable, "-m", "dsv2"]), "serve", "--host", "127.0.0.1", "--port", str(port),
-           *serve_args]
-    log(f"starting: {shlex.join(cmd[1:])[:200]}")
-    url = f"http://127.0.0.1:{port}"
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + timeout_s
-    while not _healthy(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"dsv2 serve did not come up (exit {proc.poll()}):\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-    log(f"serving at {url}")
-    return url, proc
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@contextlib.contextmanager
-def serving(serve_args: list[str], log_path: Path, timeout_s: float) -> Iterator[str]:
-    """start_server until the block ends; yields its URL."""
-    url, proc = start_server(serve_args, log_path, timeout_s)
-    try:
-        yield url
-    finally:
-        stop_server(proc)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _preset_name(name: str) -> str:
-    if name in PRESETS:
-        return name
-    if f"deepseek-{name}" in PRESETS:  # v2-lite
-        return f"deepseek-{name}"
-    raise SystemExit(f"--model-shape {name!r}: expected one of {', '.join(PRESETS)}")
-
-
-def _flag(args: list[str], name: str) -> str | None:
-    """The value of `name` in a command line (`--name value` or `--name=value`), the last one
-    winning."""
-    value = None
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            value = args[i + 1]
-        elif a.startswith(name + "="):
-            value = a.split("=", 1)[1]
-    return value
-
-
-def _local_vocab(serve_args: list[str]) -> int:
-    """The vocabulary of the model the started server loads (--model, else the bundled one)."""
-    model = Path(_flag(serve_args, "--model") or bundled_model_dir())
-    return json.loads((model / "config.json").read_text())["vocab_size"]
-
-
-def _local_device(serve_args: list[str]) -> str:
-    import torch
-
-    device = _flag(serve_args, "--device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.cuda.get_device_name(0) if device.startswith("cuda") else device
-
-
 # --- the report -------------------------------------------------------------------------------------
 def _fmt(x, spec: str) -> str:
     return "—" if x is None else format(x, spec)
@@ -524,15 +409,12 @@ def main(argv=None) -> int:
     serve_args = shlex.split(args.serve_args)
     with tempfile.TemporaryDirectory(prefix="server_bench-") as tmp, contextlib.ExitStack() as stack:
         if args.model_shape:
-            shape = _preset_name(args.model_shape)
-            model_dir = shape_model_dir(shape, Path(tmp))
-            serve_args = ["--model", str(model_dir), "--load-format", "dummy", "--served-model-name", shape,
-                          *serve_args]
+            serve_args = shape_serve_args(args.model_shape, serve_args, Path(tmp))
         serve_log = args.serve_log or Path(tmp) / "serve.log"
         url = args.url or stack.enter_context(serving(serve_args, serve_log, args.startup_timeout))
         load = Load(requests=args.requests, concurrency=args.concurrency, prompt_len=args.prompt_len,
                     max_tokens=args.max_tokens, disconnect_frac=args.disconnect_frac, endpoint=args.endpoint,
-                    vocab_size=args.vocab_size or _local_vocab(serve_args), temperature=args.temperature,
+                    vocab_size=args.vocab_size or local_vocab(serve_args), temperature=args.temperature,
                     seed=args.seed)
         for i in range(args.warmup_runs):
             # lazy compilation, CUDA-graph capture and kernel autotuning happen at each new batch shape
@@ -543,7 +425,7 @@ def main(argv=None) -> int:
         log(f"{load.requests} requests against {url}")
         res = measure(url, load, args.model, args.api_key, args.settle)
     res |= {"date": time.strftime("%Y-%m-%d"), "url": args.url,
-            "device": "remote (--url)" if args.url else _local_device(serve_args),
+            "device": "remote (--url)" if args.url else local_device(serve_args),
             "serve_args": None if args.url else serve_args, "model_shape": args.model_shape}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
