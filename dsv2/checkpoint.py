@@ -237,13 +237,15 @@ def load_model(
     quantization: str | None = "auto",
     tensor_parallel=None,
     config: ModelConfig | None = None,
+    data_parallel_attention: bool = False,
 ) -> Transformer:
     """Load an HF-format DeepSeek-V2 directory; dtype (of the activations and the unquantized
     weights) defaults to the checkpoint's torch_dtype. quantization: "auto" holds the weights as
     the checkpoint stores them (FP8 or not), "fp8" holds them in FP8 (quantizing a bf16 checkpoint
     as it loads), "none" (or None) in `dtype` (dequantizing an FP8 one: training, references).
     `tensor_parallel`: a process group (or "world" for the default one): this rank's part of the
-    model (model/tensor_parallel.py), reading only its slices of the files. `config`: the model's
+    model (model/tensor_parallel.py), reading only its slices of the files (with
+    `data_parallel_attention`, only the MoE layers' slices: the rest whole). `config`: the model's
     config in place of the directory's (the same tensors, other settings: a longer context, say)."""
     path = Path(path)
     if not path.is_dir():
@@ -263,7 +265,8 @@ def load_model(
     plan = _plan(_targets(model), found, config, quantized)
     held: dict[str, Shard] = {}
     if tensor_parallel is not None:
-        held = shard_(model, None if tensor_parallel == "world" else tensor_parallel)
+        held = shard_(model, None if tensor_parallel == "world" else tensor_parallel,
+                      data_parallel_attention=data_parallel_attention)
     model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -27,8 +27,10 @@ def _info(args) -> int:
     from .info import model_info
 
     config = preset(args.preset) if args.preset else ModelConfig.from_hf(args.model)
+    if args.data_parallel_attention and not args.tensor_parallel_size:
+        raise ValueError("--data-parallel-attention needs --tensor-parallel-size")
     print(json.dumps(model_info(config, args.quantization, args.cache_tokens, args.kv_cache_dtype,
-                                args.tensor_parallel_size), indent=2))
+                                args.tensor_parallel_size, args.data_parallel_attention), indent=2))
     return 0
 
 
@@ -170,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="bfloat16", choices=("bfloat16", "fp8", "6bit"))
     p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
                    help="one rank's weight bytes and cache tokens with the model split over N GPUs")
+    p.add_argument("--data-parallel-attention", action="store_true",
+                   help="with --tensor-parallel-size: each rank attends over its own requests' cache")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("generate", help="complete a prompt, streaming the tokens")

@@ -125,32 +125,38 @@ def gpus_needed(config: ModelConfig, weights: int, cache_tokens: int, kv_cache_d
 
 
 def tensor_parallel(config: ModelConfig, size: int, quantization: str | None = None,
-                    kv_cache_dtype: str = "bfloat16") -> dict:
+                    kv_cache_dtype: str = "bfloat16", data_parallel_attention: bool = False) -> dict:
     """One rank's share of a model split over `size` GPUs (model/tensor_parallel.py): its weight
-    bytes (FP8 weights with their scales under quantization="fp8") and, since every rank caches
-    every token's latent, the cache tokens that fit beside them on each GPU size at GPU_UTILIZATION."""
+    bytes (FP8 weights with their scales under quantization="fp8") and the cache tokens that fit
+    beside them on each GPU size at GPU_UTILIZATION. Under plain tensor parallelism every rank
+    caches every token's latent, so those are the engine's tokens; with data-parallel attention
+    each rank caches its own requests' tokens only (but holds attention whole), so the engine holds
+    `size` times a rank's."""
     from .engine.cache import cache_row_bytes
     from .model import fp8
     from .model.fp8_layers import quantize_model_
     from .model.tensor_parallel import check_config, shard_
 
-    check_config(config, size)
+    check_config(config, size, data_parallel_attention)
     with torch.device("meta"):
         model = Transformer(config).to(torch.bfloat16)
         if quantization == "fp8":
             quantize_model_(model)
-    shard_(model, layout=(0, size))
+    shard_(model, layout=(0, size), data_parallel_attention=data_parallel_attention)
     weights = sum(p.numel() * (1 if p.dtype == fp8.FP8 else 4 if p.dtype == torch.float32 else 2)
                   for p in model.parameters())
     per_token = config.num_hidden_layers * cache_row_bytes(config, torch.bfloat16 if kv_cache_dtype == "bfloat16"
                                                            else kv_cache_dtype)
     tokens = {f"{gb}GB": max(0, int((gb * 1e9 * GPU_UTILIZATION - weights) // per_token)) for gb in GPU_GB}
-    return {"size": size, "weights_per_rank_gb": round(weights / 1e9, 2), "cache_bytes_per_token_per_rank": per_token,
-            "cache_tokens_per_rank": tokens}
+    return {"size": size, "data_parallel_attention": data_parallel_attention,
+            "weights_per_rank_gb": round(weights / 1e9, 2), "cache_bytes_per_token_per_rank": per_token,
+            "cache_tokens_per_rank": tokens,
+            "cache_tokens_engine": {gb: n * size if data_parallel_attention else n for gb, n in tokens.items()}}
 
 
 def model_info(config: ModelConfig, quantization: str | None = None, cache_tokens: int | None = None,
-               kv_cache_dtype: str = "bfloat16", tensor_parallel_size: int | None = None) -> dict:
+               kv_cache_dtype: str = "bfloat16", tensor_parallel_size: int | None = None,
+               data_parallel_attention: bool = False) -> dict:
     params = count_params(config)
     kv = kv_cache_per_token(config)
     weights = weight_bytes(config, quantization)
@@ -178,6 +184,7 @@ def model_info(config: ModelConfig, quantization: str | None = None, cache_token
         "weights": weights,
         "memory": gpus_needed(config, weights["bytes"], config.max_position_embeddings if cache_tokens is None
                               else cache_tokens, kv_cache_dtype),
-        **({"tensor_parallel": tensor_parallel(config, tensor_parallel_size, quantization, kv_cache_dtype)}
+        **({"tensor_parallel": tensor_parallel(config, tensor_parallel_size, quantization, kv_cache_dtype,
+                                               data_parallel_attention)}
            if tensor_parallel_size else {}),
     }

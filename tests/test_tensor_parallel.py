@@ -67,6 +67,34 @@ def test_sharded_logits_equal_the_whole_model(tmp_path, world):
         assert got["vocab"] == r * 320 // world
 
 
+def _dp_rank(rank: int, world: int, store: str, ckpt: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = load_model(ckpt, "cpu", torch.float32, tensor_parallel="world", data_parallel_attention=True)
+        with torch.no_grad():  # each rank its own rows (rank 1 twice rank 0's: the exchange pads)
+            logits = model(TOKENS[rank:2 * rank + 1])
+        experts = [m.start for m in model.modules() if isinstance(m, LocalExperts)]
+        torch.save({"logits": logits, "experts": experts, "heads": model.layers[0].self_attn.n_heads}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_attention_logits_equal_the_whole_model(tmp_path):
+    """Each rank runs its own tokens through whole attention and its share of the experts, the MoE
+    layers exchanging tokens: every rank's logits are the whole model's on its rows."""
+    config, world = _tiny(2), 2
+    ckpt = tmp_path / "model"
+    save_model(random_model(config, "cpu", torch.float32, seed=0), ckpt)
+    mp.spawn(_dp_rank, args=(world, str(tmp_path / "store"), str(ckpt), str(tmp_path / "out")), nprocs=world)
+    whole = load_model(ckpt, "cpu", torch.float32)
+    for r in range(world):
+        got = torch.load(tmp_path / f"out.{r}")
+        with torch.no_grad():
+            want = whole(TOKENS[r:2 * r + 1])
+        torch.testing.assert_close(got["logits"], want, rtol=1e-5, atol=1e-5)
+        assert got["experts"] == [r * 8 // world] * 2 and got["heads"] == config.num_attention_heads
+
+
 def test_fp8_checkpoint_slices_keep_their_blocks(tmp_path):
     """A bf16 checkpoint quantized to FP8 as each rank loads its slices: the same 128 x 128 blocks (and
     logits, the FP8 weights dequantized on the CPU) as the whole model quantized."""
@@ -129,6 +157,14 @@ def one_process_tokens():
     return _tokens(outs), _prompt_logprobs(outs)
 
 
+def _assert_as_one_process(outs, one_process_tokens):
+    tokens, logprobs = one_process_tokens
+    assert _tokens(outs) == tokens
+    got = _prompt_logprobs(outs)
+    assert [t for t, _ in got] == [t for t, _ in logprobs]
+    assert [v for _, v in got] == pytest.approx([v for _, v in logprobs], abs=1e-4)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_engine_over_several_processes_gives_the_same_tokens(one_process_tokens, world):
     """LLM(tensor_parallel_size=N) starts N-1 workers (gloo on the CPU); with preemption, prefix hits,
@@ -140,12 +176,23 @@ def test_engine_over_several_processes_gives_the_same_tokens(one_process_tokens,
         outs = llm.generate(prompts, params)
         assert llm.engine.scheduler.num_preemptions > 0
         procs = llm.workers.procs
-    tokens, logprobs = one_process_tokens
-    assert _tokens(outs) == tokens
-    got = _prompt_logprobs(outs)
-    assert [t for t, _ in got] == [t for t, _ in logprobs]
-    assert [v for _, v in got] == pytest.approx([v for _, v in logprobs], abs=1e-4)
+    _assert_as_one_process(outs, one_process_tokens)
     assert all(p.exitcode == 0 for p in procs)  # stopped by the leader, not killed
+
+
+def test_data_parallel_attention_gives_the_same_tokens(one_process_tokens):
+    """LLM(tensor_parallel_size=2, data_parallel_attention=True): each rank an engine over its own
+    cache (half the blocks of the one-process engine each: preemption), stepped together; every
+    request's tokens and logprobs are the single-process engine's, and the engine holds the two caches."""
+    prompts, params = _engine_requests()
+    with _engine_llm(tensor_parallel_size=2, data_parallel_attention=True, num_blocks=24) as llm:
+        outs = llm.generate(prompts, params)
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.blocks.num_blocks == 2 * llm.engine.local.blocks.num_blocks == 48
+        assert llm.engine.requests == {} and llm.engine.local.requests == {}
+        procs = llm.workers.procs
+    _assert_as_one_process(outs, one_process_tokens)
+    assert all(p.exitcode == 0 for p in procs)
 
 
 def test_a_dead_worker_fails_the_engine_with_its_name():
@@ -167,12 +214,14 @@ def test_a_dead_worker_fails_the_engine_with_its_name():
     assert not worker.is_alive()
 
 
-def test_serve_with_two_processes_answers_the_openai_client():
+@pytest.mark.parametrize("layout", [[], ["--data-parallel-attention"]])
+def test_serve_with_two_processes_answers_the_openai_client(layout):
     import openai
 
     from .server_util import running_server
 
-    with running_server("--tensor-parallel-size", "2", "--max-model-len", "256", "--num-blocks", "64") as (url, _):
+    with running_server("--tensor-parallel-size", "2", "--max-model-len", "256", "--num-blocks", "64",
+                        *layout) as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         two = client.completions.create(model="dsv2-bundled", prompt="Once upon a time", max_tokens=12,
                                         temperature=0.0)
@@ -196,3 +245,50 @@ def test_info_gives_one_ranks_share(capsys):
     assert info["weights"]["gb"] / 8 < tp["weights_per_rank_gb"] < 1.05 * info["weights"]["gb"] / 8
     assert tp["cache_bytes_per_token_per_rank"] == info["kv_cache_per_token"]["mla"]["cache_bytes"]["bfloat16"]
     assert tp["cache_tokens_per_rank"]["80GB"] < tp["cache_tokens_per_rank"]["141GB"]
+    assert tp["cache_tokens_engine"] == tp["cache_tokens_per_rank"]  # every rank caches every token
+    # data-parallel attention: attention whole on each rank, each rank's cache its own requests'
+    assert main(["info", "--preset", "deepseek-v2", "--tensor-parallel-size", "8", "--quantization", "fp8",
+                 "--data-parallel-attention"]) == 0
+    dp = json.loads(capsys.readouterr().out)["tensor_parallel"]
+    assert dp["weights_per_rank_gb"] > tp["weights_per_rank_gb"]
+    for gpu, tokens in dp["cache_tokens_per_rank"].items():
+        assert dp["cache_tokens_engine"][gpu] == 8 * tokens > 5 * tp["cache_tokens_engine"][gpu]
+
+
+def test_data_parallel_step_error_keeps_the_ranks_in_step(tmp_path, monkeypatch):
+    """A rank whose step raises still meets the others' collectives (a forward of its own), its
+    error travels to rank 0 as a StepError naming the requests, and the step's other outputs come
+    with the next one. One gloo rank, in this process."""
+    from dsv2.cli import bundled_model_dir
+    from dsv2.engine import EngineConfig, LLMEngine, SamplingParams
+    from dsv2.engine.data_parallel import DataParallelEngine
+    from dsv2.engine.engine import StepError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        local = LLMEngine(load_model(bundled_model_dir(), "cpu", torch.float32), None,
+                          EngineConfig(block_size=8, num_blocks=32, max_model_len=64, enforce_eager=True,
+                                       async_scheduling=False))
+        engine = DataParallelEngine(local)
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        engine.add_request("a", [5, 6, 7], params)
+        step = local.step
+
+        def failing():
+            step()
+            raise StepError(["a"], RuntimeError("boom"))
+        monkeypatch.setattr(local, "step", failing)
+        forwards = engine._forwards
+        with pytest.raises(StepError, match="boom") as info:
+            engine.step()
+        assert info.value.request_ids == ["a"] and engine._forwards == forwards + 1
+        monkeypatch.undo()
+        engine.abort_request("a")
+        assert engine.step() == [] and engine._forwards == forwards + 2  # idle: a forward of its own
+        engine.add_request("b", [5, 6, 7], params)
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
+    finally:
+        dist.destroy_process_group()

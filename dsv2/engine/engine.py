@@ -153,10 +153,8 @@ class LLMEngine:
         return max(1, int(PagedLatentCache.num_blocks_for(mc, int(budget), bs, dtype)) - 1)
 
     # --- requests -------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a request this engine cannot run, before anything is queued."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -174,6 +172,13 @@ class LLMEngine:
             if self.grammars is None:
                 raise ValueError("structured outputs need a tokenizer; this engine has none")
             self.grammars.compile(spec)  # a ValueError for a spec that does not compile, before anything is queued
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_token_ids, params)
+        spec = params.structured_outputs
         arrival = next(self._arrival)
         seqs = []
         for i in range(params.n):
@@ -188,6 +193,10 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = seqs
         self.prompts[request_id] = prompt
+
+    def stop_followers(self) -> None:
+        """A tensor-parallel engine's last word to its other ranks (engine/workers.py)."""
+        self.runner.stop_followers()
 
     def warmup(self, batch_sizes: list[int] | None = None) -> dict:
         """Compile and capture every kind of step before the first request (engine/warmup.py)."""

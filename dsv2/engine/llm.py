@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import inspect
 import itertools
 from collections.abc import Sequence as Seq
@@ -22,6 +23,7 @@ from ..checkpoint import load_model, random_model
 from ..config import ModelConfig
 from ..model.tensor_parallel import check_config
 from ..tokenizer import Tokenizer
+from .data_parallel import DataParallelEngine
 from .engine import EngineConfig, LLMEngine, RequestOutput
 from .params import SamplingParams
 from .workers import ModelSpec, Workers, build_model, follow_forever, local_device
@@ -33,8 +35,10 @@ KV_CACHE_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.fl
 
 def _spec(model, dtype, device, max_num_seqs, max_model_len, max_num_batched_tokens, gpu_memory_utilization,
           kv_cache_dtype, block_size, num_blocks, enable_prefix_caching, enforce_eager, async_scheduling, load_format,
-          compile, quantization) -> ModelSpec:
-    """LLM's settings checked, as every rank of an engine builds from them."""
+          compile, quantization, data_parallel_attention=False, tokenizer=None, skip_tokenizer_init=False,
+          seed=None) -> ModelSpec:
+    """LLM's settings checked, as every rank of an engine builds from them (`seed` is each
+    process's own business)."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format {load_format!r}: expected 'auto' or 'dummy'")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -50,7 +54,12 @@ def _spec(model, dtype, device, max_num_seqs, max_model_len, max_num_batched_tok
                        num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization,
                        enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
                        async_scheduling=async_scheduling, compile=compile, compile_prefill=compile)
-    return ModelSpec(str(model), device, model_dtype, quantization, load_format, cfg, KV_CACHE_DTYPES[kv_cache_dtype])
+    if data_parallel_attention:
+        # each rank's MoE layers exchange a step-dependent number of tokens, and every rank samples
+        # its own rows: no graphs, no async scheduling (engine/data_parallel.py)
+        cfg = dataclasses.replace(cfg, enforce_eager=True, async_scheduling=False)
+    return ModelSpec(str(model), device, model_dtype, quantization, load_format, cfg, KV_CACHE_DTYPES[kv_cache_dtype],
+                     data_parallel_attention, None if skip_tokenizer_init else str(tokenizer or model))
 
 
 class LLM:
@@ -73,6 +82,7 @@ class LLM:
         compile: bool = True,
         quantization: str | None = None,
         tensor_parallel_size: int = 1,
+        data_parallel_attention: bool = False,
         tokenizer: str | Path | None = None,
         skip_tokenizer_init: bool = False,
         seed: int | None = None,
@@ -84,7 +94,9 @@ class LLM:
         checkpoint as it loads; None takes what the checkpoint stores (an FP8 checkpoint stays FP8).
         tensor_parallel_size=N splits the model over N GPUs (N processes on the CPU): this process
         is rank 0 and starts the other N-1 itself (engine/workers.py, docs/parallel.md); under
-        torchrun with N processes it joins their process group instead. As vLLM's: `tokenizer` is a
+        torchrun with N processes it joins their process group instead. data_parallel_attention=True
+        (with N > 1): each rank runs attention for its own requests over its own cache, the MoE
+        layers shared (engine/data_parallel.py), for N times the cache. As vLLM's: `tokenizer` is a
         directory holding tokenizer.json (default: the model's); skip_tokenizer_init=True needs none
         (prompts as token ids, outputs as token ids with empty text); `seed` seeds the sampling of
         requests without a seed of their own."""
@@ -92,11 +104,13 @@ class LLM:
             torch.manual_seed(seed)
         spec = _spec(model, dtype, device, max_num_seqs, max_model_len, max_num_batched_tokens, gpu_memory_utilization,
                      kv_cache_dtype, block_size, num_blocks, enable_prefix_caching, enforce_eager, async_scheduling,
-                     load_format, compile, quantization)
+                     load_format, compile, quantization, data_parallel_attention, tokenizer, skip_tokenizer_init)
         self.workers = None
         tp_group = None
+        if data_parallel_attention and tensor_parallel_size == 1:
+            raise ValueError("data_parallel_attention needs tensor_parallel_size > 1 (the ranks that share the MoE layers)")
         if tensor_parallel_size != 1:
-            check_config(ModelConfig.from_hf(model), tensor_parallel_size)
+            check_config(ModelConfig.from_hf(model), tensor_parallel_size, data_parallel_attention)
             if not dist.is_initialized():
                 self.workers = Workers(tensor_parallel_size, spec)
                 atexit.register(self.close)
@@ -111,7 +125,11 @@ class LLM:
         else:
             self.model = load_model(model, device=spec.device, dtype=spec.dtype, quantization=quantization or "auto")
         self.tokenizer = None if skip_tokenizer_init else Tokenizer.from_dir(tokenizer or model)
-        self.engine = LLMEngine(self.model, self.tokenizer, spec.engine, spec.cache_dtype, tp_group=tp_group)
+        if data_parallel_attention:
+            self.engine = DataParallelEngine(LLMEngine(self.model, self.tokenizer, spec.engine, spec.cache_dtype),
+                                             tp_group)
+        else:
+            self.engine = LLMEngine(self.model, self.tokenizer, spec.engine, spec.cache_dtype, tp_group=tp_group)
         self.engine.guard = self.workers
         self._ids = itertools.count()
 
@@ -172,12 +190,14 @@ class LLM:
         bound.apply_defaults()
         args = dict(bound.arguments)
         del args["self"], args["tensor_parallel_size"]
+        if args["seed"] is not None:
+            torch.manual_seed(args["seed"])
         follow_forever(_spec(**args), dist.get_rank())
 
     def close(self) -> None:
         """Stop a tensor-parallel engine's workers (also at exit); nothing to do on one device."""
         if self.workers is not None:
-            self.workers.close(self.engine.runner)
+            self.workers.close(self.engine)
 
     def __enter__(self) -> LLM:
         return self

@@ -337,6 +337,9 @@ class ModelRunner:
         # a prefill with no cached tokens in any row attends causally over the latents it computed,
         # with no page gather and no mask, where those equal what the pages give back
         self.fresh_prefill = not pages.quantized and pages.kv.dtype == next(model.parameters()).dtype
+        # a step mixing decodes and prefill chunks runs them as two forwards (`run`); data-parallel
+        # attention needs one forward per step on every rank (engine/data_parallel.py)
+        self.split_mixed = True
         # prefill graphs hold their activations in the graph pool: bounded by the tokens of a step
         self.max_graph_tokens = max_graph_tokens
         self.graphs: dict[tuple, StepGraph] = {}
@@ -410,7 +413,7 @@ class ModelRunner:
         A step mixing single-token rows (decodes) with prefill chunks runs them as two batches:
         padded into one rectangle, every decode row would cost as much as the longest chunk."""
         single = [i for i, (_, n) in enumerate(items) if n == 1]
-        if 0 < len(single) < len(items):
+        if self.split_mixed and 0 < len(single) < len(items):
             chunks = [i for i, (_, n) in enumerate(items) if n > 1]
             logits = torch.empty(len(items), self.model.config.vocab_size, device=self.device,
                                  dtype=next(self.model.parameters()).dtype)

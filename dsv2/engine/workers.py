@@ -42,6 +42,8 @@ class ModelSpec:
     load_format: str
     engine: object  # EngineConfig
     cache_dtype: object
+    data_parallel_attention: bool = False  # model/tensor_parallel.py, engine/data_parallel.py
+    tokenizer: str | None = None  # the directory of tokenizer.json (data-parallel ranks sample and detokenize)
 
 
 def backend(device: str) -> str:
@@ -65,10 +67,10 @@ def build_model(spec: ModelSpec, device: str):
 
     if spec.load_format == "dummy":  # every rank draws the whole model from the same seed, keeps its part
         model = random_model(ModelConfig.from_hf(spec.model), device, spec.dtype, quantization=spec.quantization)
-        shard_(model)
+        shard_(model, data_parallel_attention=spec.data_parallel_attention)
         return model
     return load_model(spec.model, device=device, dtype=spec.dtype, quantization=spec.quantization or "auto",
-                      tensor_parallel="world")
+                      tensor_parallel="world", data_parallel_attention=spec.data_parallel_attention)
 
 
 def follow_forever(spec: ModelSpec, rank: int) -> None:
@@ -77,6 +79,13 @@ def follow_forever(spec: ModelSpec, rank: int) -> None:
 
     device = local_device(spec.device, rank)
     model = build_model(spec, device)
+    if spec.data_parallel_attention:  # an engine of its own, for the requests rank 0 gives it
+        from ..tokenizer import Tokenizer
+        from .data_parallel import DataParallelEngine
+
+        tokenizer = None if spec.tokenizer is None else Tokenizer.from_dir(spec.tokenizer)
+        DataParallelEngine(LLMEngine(model, tokenizer, spec.engine, spec.cache_dtype), dist.group.WORLD).follow()
+        return
     engine = LLMEngine(model, None, spec.engine, spec.cache_dtype, tp_group=dist.group.WORLD)
     engine.runner.follow()
 
@@ -183,14 +192,14 @@ class Workers:
         if self.failure is not None:
             raise RuntimeError(self.failure) from error
 
-    def close(self, runner) -> None:
-        """Stop the followers (the runner's last word) and wait for their processes."""
+    def close(self, engine) -> None:
+        """Stop the followers (the engine's last word) and wait for their processes."""
         if self._stopping:
             return
         self._stopping = True
         if self.failure is None:
             try:
-                runner.stop_followers()
+                engine.stop_followers()
             except Exception:  # noqa: BLE001 - a group already broken: the processes are ended below
                 pass
         for p in self.procs:

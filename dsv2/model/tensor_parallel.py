@@ -20,12 +20,21 @@ and shared parts in one all-reduce, the residual added on rank 0 only. Every ran
 latent (kv_a_proj is replicated) and so holds every token's latent in its cache: the cache does
 not shrink with N, only the weights do (docs/parallel.md).
 
+Data-parallel attention (`data_parallel_attention=True`, SGLang's answer to that cache): every
+rank holds the whole model but its routed experts (E/N of them, as above) and 1/N of the shared
+experts' width, and runs attention, dense MLPs and the head for its own requests over its own cache.
+Each MoE layer gathers every rank's tokens, routes them all, runs this rank's experts and its slice
+of the shared experts on them, and reduce-scatters the partial sums back to the tokens' ranks,
+where the residual is added. The cache then holds each token once across the ranks: N times the
+sequences of plain tensor parallelism (engine/data_parallel.py runs the ranks in step).
+
 `shard_` records what part of each full parameter a rank holds (`Shard`), so that `load_model`
 reads just those slices from the checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -57,14 +66,16 @@ class Shard:
         return Shard(self.dim, self.start // fp8.BLOCK, -(-self.stop // fp8.BLOCK))
 
 
-def check_config(config: ModelConfig, size: int) -> None:
+def check_config(config: ModelConfig, size: int, data_parallel_attention: bool = False) -> None:
     """Raise ValueError naming the setting that does not split over `size` ranks."""
     if size < 1:
         raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
-    if config.attention_type != "mla":
-        raise ValueError("tensor parallelism splits MLA's heads: the MHA baseline runs on one device")
-    needs = {"num_attention_heads": config.num_attention_heads, "vocab_size": config.vocab_size,
-             "intermediate_size": config.intermediate_size}
+    needs = {}
+    if not data_parallel_attention:  # the heads, the vocabulary and the dense MLPs are split too
+        if config.attention_type != "mla":
+            raise ValueError("tensor parallelism splits MLA's heads: the MHA baseline runs on one device")
+        needs = {"num_attention_heads": config.num_attention_heads, "vocab_size": config.vocab_size,
+                 "intermediate_size": config.intermediate_size}
     if config.n_routed_experts:
         needs["n_routed_experts"] = config.n_routed_experts
         if config.n_shared_experts:
@@ -176,13 +187,17 @@ class LocalExperts(Experts):
         return torch.where(mine[..., None], y, 0.0).sum(1).to(x.dtype)
 
 
-def shard_(model: nn.Module, group=None, layout: tuple[int, int] | None = None) -> dict[str, Shard]:
+def shard_(model: nn.Module, group=None, layout: tuple[int, int] | None = None,
+           data_parallel_attention: bool = False) -> dict[str, Shard]:
     """Cut `model` (a Transformer, real or on the meta device) into this rank's part of `group` in
     place and hook in the collectives; returns {parameter name: the part of the full one held}.
-    `layout` (rank, size) instead of a group: a meta model's part, to count it (`dsv2 info`)."""
+    `layout` (rank, size) instead of a group: a meta model's part, to count it (`dsv2 info`).
+    `data_parallel_attention`: only the MoE layers are split, their tokens exchanged (above)."""
     rank, size = layout or (dist.get_rank(group), dist.get_world_size(group))
     config: ModelConfig = model.config
-    check_config(config, size)
+    check_config(config, size, data_parallel_attention)
+    if data_parallel_attention:
+        return _shard_moe_layers(model, group, rank, size)
     held: dict[str, Shard] = {}
     vocab = _split(size, rank, config.vocab_size)
     model.embed_tokens = VocabParallelEmbedding(model.embed_tokens, vocab)
@@ -222,6 +237,81 @@ def shard_(model: nn.Module, group=None, layout: tuple[int, int] | None = None) 
             _shard_mlp(mlp, size, rank, f"{prefix}mlp.", held)
         mlp.register_forward_hook(_reduce(group))
     return held
+
+
+def _shard_moe_layers(model: nn.Module, group, rank: int, size: int) -> dict[str, Shard]:
+    """Data-parallel attention's cut: each MoE layer's experts split, its tokens exchanged."""
+    held: dict[str, Shard] = {}
+    exchange = TokenExchange(group, rank, size)
+    for i, block in enumerate(model.layers):
+        mlp = block.mlp
+        if not isinstance(mlp, MoE):
+            continue
+        prefix = f"layers.{i}."
+        experts = _split(size, rank, model.config.n_routed_experts)
+        mlp.experts = LocalExperts(mlp.experts, experts)
+        for name in ("gate_up_proj", "down_proj"):
+            held[f"{prefix}mlp.experts.{name}"] = experts
+        if mlp.shared_experts is not None:
+            _shard_mlp(mlp.shared_experts, size, rank, f"{prefix}mlp.shared_experts.", held)
+        mlp.register_forward_pre_hook(exchange.gather, with_kwargs=True)
+        mlp.register_forward_hook(exchange.scatter)
+    # every layer of a forward exchanges the same token counts, learnt at its first MoE layer; a
+    # forward (whole, or the engine's by its parts) starts by embedding its tokens
+    model.embed_tokens.register_forward_pre_hook(exchange.new_forward)
+    return held
+
+
+class TokenExchange:
+    """The hooks around a MoE layer under data-parallel attention: before it, every rank's tokens
+    gathered (each rank's rows padded to the most any rank has, as all_gather needs equal parts);
+    after it, the partial sums reduce-scattered back to their rank, the residual added there."""
+
+    def __init__(self, group, rank: int, size: int):
+        self.group, self.rank, self.size = group, rank, size
+        self.counts: list[int] | None = None
+        self._saved: list[tuple] = []
+
+    def new_forward(self, module, args) -> None:
+        self.counts = None
+
+    def _counts(self, n: int, device: torch.device) -> list[int]:
+        if self.counts is None:
+            mine = torch.tensor([n], device=device)
+            every = torch.empty(self.size, dtype=mine.dtype, device=device)
+            dist.all_gather_into_tensor(every, mine, group=self.group)
+            self.counts = every.tolist()
+        if self.counts[self.rank] != n:
+            raise RuntimeError(f"a MoE layer got {n} tokens where this forward's first had {self.counts[self.rank]}")
+        return self.counts
+
+    def gather(self, module, args, kwargs):
+        x = args[0]
+        flat = x.reshape(-1, x.shape[-1])
+        counts = self._counts(flat.shape[0], x.device)
+        most = max(counts)
+        padded = flat.new_zeros(most, flat.shape[1])
+        padded[: flat.shape[0]] = flat
+        every = flat.new_empty(self.size * most, flat.shape[1])
+        dist.all_gather_into_tensor(every, padded, group=self.group)
+        rows = torch.cat([torch.arange(r * most, r * most + c, device=x.device) for r, c in enumerate(counts)])
+        self._saved.append((x.shape, rows, kwargs.get("residual")))
+        return (every[rows][None],), {**kwargs, "residual": None}
+
+    def scatter(self, module, args, out):
+        y, route = out
+        shape, rows, residual = self._saved.pop()
+        most = max(self.counts)
+        padded = y.new_zeros(self.size * most, y.shape[-1])
+        padded[rows] = y.reshape(-1, y.shape[-1])
+        mine = y.new_empty(most, y.shape[-1])
+        dist.reduce_scatter_tensor(mine, padded, group=self.group)
+        n = self.counts[self.rank]
+        y = mine[:n].view(shape)
+        start = sum(self.counts[: self.rank])
+        route = dataclasses.replace(route, **{f.name: getattr(route, f.name)[start:start + n]
+                                              for f in dataclasses.fields(route) if getattr(route, f.name) is not None})
+        return (y if residual is None else residual + y), route
 
 
 def _shard_mlp(mlp: MLP, size: int, rank: int, prefix: str, held: dict[str, Shard]) -> None:

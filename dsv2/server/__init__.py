@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="GPUs (CPU processes) the model is split over; this process starts the others "
                         "(under torchrun: the launched processes, default their number; docs/parallel.md)")
+    p.add_argument("--data-parallel-attention", action="store_true",
+                   help="with --tensor-parallel-size N: each rank runs attention for its own requests over "
+                        "its own cache, the MoE layers shared: N times the cache (runs eagerly; docs/parallel.md)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no compilation")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip compiling and capturing the step kinds at startup (CUDA): the first "
@@ -87,7 +90,8 @@ def serve(args: argparse.Namespace) -> int:
                     max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                     gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=args.kv_cache_dtype,
                     num_blocks=args.num_blocks, enforce_eager=args.enforce_eager, load_format=args.load_format,
-                    compile=not args.no_compile, quantization=args.quantization)
+                    compile=not args.no_compile, quantization=args.quantization,
+                    data_parallel_attention=args.data_parallel_attention)
     tp = args.tensor_parallel_size or 1
     if launched_by_torchrun():  # every rank runs this command: rank 0 serves, the others follow it
         tp = join_torchrun(args.tensor_parallel_size, args.device)
