@@ -85,7 +85,7 @@ def _dsv2(*args):
 
 
 def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
-    steps = 60
+    steps = 30  # a checkpoint every 10: killed past step 14, resumed from step 10
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     ref = _dsv2("train", "--config", str(_config_file(tmp_path, data_dir, whole, steps)))
     cfg = _config_file(tmp_path, data_dir, broken, steps)
