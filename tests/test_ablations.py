@@ -9,6 +9,7 @@ import json
 import pytest
 
 from bench import ablations
+from dsv2.checkpoint import load_model
 
 from .test_train import data_dir  # noqa: F401
 
@@ -42,6 +43,11 @@ def test_suites_train_and_report(data_dir, tmp_path):  # noqa: F811
     assert bytes_ == {"MHA": 2 * 2 * (2 * 8 * 8), "GQA (2 KV heads)": 2 * 2 * (2 * 2 * 8), "MQA": 2 * 2 * (2 * 8),
                       "MLA": 2 * 2 * (4 * 8 + 4)}
     assert all(r["val_loss"] < 6 and r["tokens_per_s"] > 0 for r in att.values())
+    for name in att:  # each variant's final checkpoint loads as the model it trained
+        (ckpt,) = (tmp_path / "attention" / ablations._slug(name) / "seed0" / "checkpoints").glob("step-*")
+        model = load_model(ckpt / "model")
+        assert model.config.attention_type == ("mla" if name == "MLA" else "mha")
+        assert model.config.num_key_value_heads == {"MHA": 8, "MQA": 1}.get(name, 2 if name.startswith("GQA") else 8)
     moe = results["moe"]["variants"]
     assert moe["DeepSeekMoE (2 shared + 6 of 32)"]["expert_imbalance"] >= 1 and "expert_imbalance" not in moe["dense"]
     saved = json.loads((tmp_path / "results.json").read_text())
