@@ -6,7 +6,8 @@ come in two spellings: the released `rope_theta` + `rope_scaling: {type: yarn, .
 `rope_theta` + `RopeScaling`, and `to_hf` writes the released spelling, which both readers accept.
 
 `attention_type: "mha"` is the paper's dense baseline, DeepSeek LLM (LLaMA's architecture): its
-config.json is LLaMA's (`model_type: llama`), read and written in that spelling.
+config.json is LLaMA's (`model_type: llama`), read and written in that spelling; with fewer
+`num_key_value_heads` than heads it is grouped-query attention (1: multi-query), as LLaMA has it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class ModelConfig:
     # (qk_rope_head_dim = v_head_dim = hidden_size / heads, derived, qk_nope_head_dim = 0) and
     # there is no latent (kv_lora_rank and q_lora_rank null)
     attention_type: str = "mla"
+    # LLaMA's field: under "mha", fewer key/value heads than query heads is grouped-query attention
+    # (GQA; 1 is multi-query, MQA), query head h reading key/value head h // (heads / kv heads). MLA
+    # derives every head's key and value from its latent: there it is only checked to divide the heads
     num_key_value_heads: int | None = None
     q_lora_rank: int | None = None
     # DeepSeekMoE; n_routed_experts None makes every FFN dense
@@ -138,9 +142,10 @@ class ModelConfig:
 
     def cache_widths(self) -> tuple[int, int]:
         """The two parts of a token's cache row per layer: MLA's (c_kv, k_rope), (d_c, d_h^R) = (512, 64)
-        for the released models, or MHA's (k, v) of every head, (n_h d_h, n_h d_h)."""
+        for the released models, or MHA's (k, v) of every key/value head, (n_kv d_h, n_kv d_h): n_h of
+        them for plain MHA, fewer under GQA, one under MQA."""
         if self.attention_type == "mha":
-            width = self.num_attention_heads * self.qk_rope_head_dim
+            width = self.num_key_value_heads * self.qk_rope_head_dim
             return width, width
         return self.kv_lora_rank, self.qk_rope_head_dim
 
@@ -165,11 +170,10 @@ class ModelConfig:
         need(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
              f"must divide hidden_size ({self.hidden_size})")
         need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-             f"must divide num_attention_heads ({self.num_attention_heads})")
+             f"must divide num_attention_heads ({self.num_attention_heads})" + (
+                 ": each group of query heads shares one key/value head (1 is MQA, "
+                 f"{self.num_attention_heads} plain MHA)" if mha else ""))
         if mha:
-            need(self.num_key_value_heads == self.num_attention_heads, "num_key_value_heads",
-                 f"must equal num_attention_heads ({self.num_attention_heads}) for attention_type 'mha': "
-                 "every head caches its own K and V (grouped-query attention is not supported)")
             for name in ("kv_lora_rank", "q_lora_rank", "n_routed_experts"):
                 need(getattr(self, name) is None, name, "must be null for attention_type 'mha' "
                      "(LLaMA's dense architecture: no latents, no experts)")
@@ -397,18 +401,22 @@ _LITE_1B = dict(  # ~1B total with V2-Lite's widths and head dims: fewer layers 
     bos_token_id=0, eos_token_id=1,
 )
 # DeepSeek LLM 7B: dense MHA in LLaMA's architecture, the shape of the paper's dense baselines, so
-# the engine can compare MLA's and MHA's generation throughput on one code path
+# the engine can compare MLA's and MHA's generation throughput on one code path. num_key_value_heads
+# is left to default to the heads (as released: 32), so preset(..., num_attention_heads=n) stays MHA
 _LLM_7B = dict(
     attention_type="mha", vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
-    num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0,
+    num_attention_heads=32, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=10000.0,
     rope_scaling=None, max_position_embeddings=4096, attention_bias=False, tie_word_embeddings=False,
     bos_token_id=100000, eos_token_id=100001, initializer_range=0.02, torch_dtype="bfloat16",
 )
 _TINY_MHA = dict(  # dsv2-tiny's width and depth with dense MHA, for tests
     _LLM_7B, vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, bos_token_id=0,
-    eos_token_id=1, initializer_range=0.006, torch_dtype="float32",
+    num_attention_heads=4, max_position_embeddings=1024, bos_token_id=0, eos_token_id=1,
+    initializer_range=0.006, torch_dtype="float32",
 )
+# ... and with its 4 heads sharing 2 key/value heads (GQA) or 1 (MQA): the paper's other baselines
+_TINY_GQA = dict(_TINY_MHA, num_key_value_heads=2)
+_TINY_MQA = dict(_TINY_MHA, num_key_value_heads=1)
 PRESETS: dict[str, dict] = {
     "deepseek-v2": _V2,
     "deepseek-v2-lite": _LITE,
@@ -418,6 +426,8 @@ PRESETS: dict[str, dict] = {
     "dsv2-1b-lite": _LITE_1B,
     "deepseek-llm-7b": _LLM_7B,
     "dsv2-tiny-mha": _TINY_MHA,
+    "dsv2-tiny-gqa": _TINY_GQA,
+    "dsv2-tiny-mqa": _TINY_MQA,
 }
 
 

@@ -15,7 +15,8 @@ The cache may store latents quantized ("fp8", "6bit": the paper serves DeepSeek-
 element); the layouts and their bit costs are described above `PagedLatentCache`.
 
 The dense MHA baseline (DeepSeek LLM) uses the same pages with a wider row: its rotated keys and
-values of every head, 2 n_h d_h numbers (8,192 for the 7B model), unquantized.
+values of every key/value head, 2 n_kv d_h numbers (8,192 for the 7B model; n_kv < n_h under GQA,
+1 under MQA), unquantized.
 """
 
 from __future__ import annotations
@@ -163,9 +164,10 @@ class PagedLatentCache:
     rest of the engine is unchanged whatever the cache stores.
 
     For an MHA model (torch dtypes only) the two parts are its keys and values: `kv_lora_rank` and
-    `rope_dim` both hold n_h d_h, a row of `kv` is k of every head then v of every head (what
-    kernels/mha_decode.py reads), `c_kv()`/`k_rope()` view the keys/values, and `write`/`gather`
-    take and return (k, v) [.., n_h d_h] in the places of (c_kv, k_rope).
+    `rope_dim` both hold n_kv d_h (its key/value heads: all n_h, or fewer under GQA/MQA), a row of
+    `kv` is k of every key/value head then v of every one (what kernels/mha_decode.py reads),
+    `c_kv()`/`k_rope()` view the keys/values, and `write`/`gather` take and return (k, v)
+    [.., n_kv d_h] in the places of (c_kv, k_rope).
     """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 64, device=None,

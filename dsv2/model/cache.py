@@ -1,8 +1,8 @@
 """A contiguous latent KV cache: per layer, c_kv and k_rope for every slot of every sequence.
 
 MLA caches only (kv_lora_rank + qk_rope_head_dim) numbers per token per layer. The MHA baseline
-uses the same cache with its rotated keys in `c_kv` and its values in `k_rope` (n_h d_h numbers
-each: `ModelConfig.cache_widths`). Each slot also records its token's position and whether it
+uses the same cache with its rotated keys in `c_kv` and its values in `k_rope` (n_kv d_h numbers
+each, its key/value heads': `ModelConfig.cache_widths`). Each slot also records its token's position and whether it
 holds a real token, so that left padding, right padding and ragged decoding all reduce to one rule:
 a query attends to the valid slots whose position is not after its own. The engine's paged cache
 keeps the same contract.
