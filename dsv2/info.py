@@ -37,33 +37,43 @@ def count_params(config: ModelConfig) -> dict[str, int]:
 DEEPSEEK_67B_KV_ELEMENTS = 2 * 8 * 128 * 95  # 194,560
 
 
+def cache_kind(config: ModelConfig) -> str:
+    """The row of `kv_cache_per_token` that is the model's own cache: "mla", or for attention_type
+    "mha" by its key/value heads n_kv: "mha" (one per head), "mqa" (one) or "gqa_{n_kv}_groups"."""
+    if config.attention_type == "mla":
+        return "mla"
+    n_kv = config.num_key_value_heads
+    return "mha" if n_kv == config.num_attention_heads else "mqa" if n_kv == 1 else f"gqa_{n_kv}_groups"
+
+
 def kv_cache_per_token(config: ModelConfig) -> dict[str, dict]:
-    """Elements and bytes one token costs in the cache: the model's own attention (MLA or MHA)
-    beside the MHA/GQA/MQA equivalents of its heads.
+    """Elements and bytes one token costs in the cache: the model's own attention (MLA, or MHA with
+    its key/value heads: MHA, GQA or MQA) beside the MHA/GQA/MQA equivalents of its heads.
 
     MLA caches c_kv and k_rope, (d_c + d_h^R) per layer; the others follow the paper's table:
-    MHA 2 n_h d_h l, GQA 2 n_g d_h l (8 groups shown), MQA 2 d_h l, with d_h = qk_nope_head_dim
-    for MLA and an MHA model's own head dim. bytes_bf16/bytes_fp8 count elements only; the model's own
-    `cache_bytes` is what the engine stores for each kv_cache_dtype it supports, scales included
-    (engine/cache.py), with the resulting bits per element.
+    MHA 2 n_h d_h l, GQA 2 n_g d_h l (8 groups shown, and a GQA model's own n_g), MQA 2 d_h l, with
+    d_h = qk_nope_head_dim for MLA and an MHA model's own head dim. bytes_bf16/bytes_fp8 count
+    elements only; the model's own row (`cache_kind`) has `cache_bytes`, what the engine stores for
+    each kv_cache_dtype it supports, scales included (engine/cache.py), with the resulting bits per
+    element.
     """
     from .engine.cache import cache_row_bytes
 
     mla = config.attention_type == "mla"
     layers, n_h = config.num_hidden_layers, config.num_attention_heads
     d_h = config.qk_nope_head_dim if mla else config.qk_rope_head_dim
-    elements = {
-        "mha": 2 * n_h * d_h * layers,
-        "gqa_8_groups": 2 * min(8, n_h) * d_h * layers,
-        "mqa": 2 * d_h * layers,
-    }
-    if mla:  # an MHA model's own cache is the "mha" row
+    own = cache_kind(config)
+    elements = {"mha": 2 * n_h * d_h * layers}
+    if own.startswith("gqa_"):  # a GQA model's own groups, n_kv key/value heads
+        elements[own] = 2 * config.num_key_value_heads * d_h * layers
+    elements["gqa_8_groups"] = 2 * min(8, n_h) * d_h * layers
+    elements["mqa"] = 2 * d_h * layers
+    if mla:  # an MHA-family model's own cache is one of the rows above
         elements = {"mla": sum(config.cache_widths()) * layers, **elements}
     out = {
         kind: {"elements": n, **{f"bytes_{dt}": n * b for dt, b in BYTES.items()}}
         for kind, n in elements.items()
     }
-    own = config.attention_type
     dtypes = {"bfloat16": torch.bfloat16, **({"fp8": "fp8", "6bit": "6bit"} if mla else {})}
     cache_bytes = {name: layers * cache_row_bytes(config, dt) for name, dt in dtypes.items()}
     out[own]["cache_bytes"] = cache_bytes
@@ -168,6 +178,7 @@ def model_info(config: ModelConfig, quantization: str | None = None, cache_token
         }
     return {
         "attention_type": config.attention_type,
+        "kv_cache_kind": cache_kind(config),  # the model's own row of kv_cache_per_token
         "parameters": {
             **params,
             "total_billions": round(params["total"] / 1e9, 3),
