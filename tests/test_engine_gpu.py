@@ -60,7 +60,7 @@ def test_engine_greedy_equals_reference_on_cuda_fp32():
         assert_greedy(model, p, done[f"r{i}"])
 
 
-@pytest.mark.parametrize("attention", ["mla", "mha"])
+@pytest.mark.parametrize("attention", ["mla", "mha", "gqa", "mqa"])
 def test_cuda_graph_decode_equals_reference_fp32_dense(attention):
     """A dense fp32 model is capturable: graph-replayed, compiled decode steps (batches padded up to
     a captured size, padding rows writing to the scratch block) give the reference's greedy tokens."""
@@ -68,8 +68,10 @@ def test_cuda_graph_decode_equals_reference_fp32_dense(attention):
     if attention == "mla":
         config = tiny_config(vocab_size=300, hidden_size=128, kv_lora_rank=64, qk_rope_head_dim=16,
                              n_routed_experts=None)
-    else:
-        config = preset("dsv2-tiny-mha", vocab_size=300, hidden_size=128, num_attention_heads=4)
+    else:  # the decode kernel reads key/value head h // (4 / kv heads) for query head h
+        kv_heads = {"mha": 4, "gqa": 2, "mqa": 1}[attention]
+        config = preset("dsv2-tiny-mha", vocab_size=300, hidden_size=128, num_attention_heads=4,
+                        num_key_value_heads=kv_heads)
     model = random_model(config, seed=5, std=0.2).to("cuda")
     engine = LLMEngine(model, None, EngineConfig(block_size=16, num_blocks=128, max_model_len=512,
                                                   max_num_seqs=8, max_num_batched_tokens=256))

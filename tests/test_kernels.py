@@ -105,6 +105,34 @@ def test_triton_mha_decode_against_reference(b, h, d, lengths, block_size, split
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("b, h, kv_heads, d, lengths, block_size, splits", [
+    (1, 32, 8, 128, [1], 64, None), (3, 32, 8, 128, [63, 64, 1000], 64, None),  # DeepSeek 67B's groups of 4
+    (4, 8, 2, 64, [7, 300, 129, 64], 16, 4), (2, 16, 1, 128, [900, 33], 16, 64),  # MQA, empty splits
+])
+def test_triton_mha_decode_gqa_against_float64(b, h, kv_heads, d, lengths, block_size, splits, dtype):
+    """Grouped-query rows (2 kv_heads d wide): query head j reads key/value head j // (h / kv_heads),
+    checked against float64 attention written head by head, and the reference the CPU runs."""
+    g = torch.Generator().manual_seed(7)
+    tables, num_blocks = _tables(g, lengths, block_size, extra_width=3)
+    kv = torch.randn(num_blocks, block_size, 2 * kv_heads * d, generator=g).to("cuda", dtype)
+    q = torch.randn(b, h, d, generator=g).to("cuda", dtype)
+    tables, lens = tables.cuda(), torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    got = mha_decode(q, kv, tables, lens, d ** -0.5, num_splits=splits)
+    assert got.dtype == torch.float32 and got.shape == (b, h, d)
+    torch.testing.assert_close(got, mha_decode_reference(q, kv, tables, lens, d ** -0.5), rtol=1e-4, atol=1e-4)
+    group, width = h // kv_heads, kv_heads * d
+    for i, n in enumerate(lengths):
+        rows = kv[tables[i].long()].flatten(0, 1)[:n].double()  # [n, 2 Hkv D]
+        k, v = rows[:, :width].unflatten(1, (kv_heads, d)), rows[:, width:].unflatten(1, (kv_heads, d))
+        for head in range(h):
+            probs = ((k[:, head // group] @ q[i, head].double()) * d ** -0.5).softmax(0)
+            want = probs @ v[:, head // group]
+            # fp32 accumulation of the same stored values: only rounding differs from float64
+            torch.testing.assert_close(got[i, head].double(), want, rtol=1e-4, atol=1e-4)
+
+
 def _expert_load(n, k, n_experts, g, skew=0.0):
     """topk_idx [n, k]: distinct experts per token; a `skew` share of tokens put expert 3 first,
     so one expert gets many rows (several row tiles) while others stay idle."""

@@ -1,5 +1,6 @@
-"""The dense MHA baseline (DeepSeek LLM: LLaMA's architecture): logits against transformers'
-LlamaForCausalLM on the same weights, its caches, checkpoints, config and the engine."""
+"""The dense MHA baseline (DeepSeek LLM: LLaMA's architecture) and its grouped-query (GQA) and
+multi-query (MQA) variants: logits against transformers' LlamaForCausalLM on the same weights, their
+caches, checkpoints, config and the engine."""
 
 import json
 import random
@@ -15,7 +16,7 @@ from dsv2.engine.cache import PagedLatentCache
 from dsv2.engine.engine import EngineConfig, LLMEngine
 from dsv2.engine.kernels.mha_decode import mha_decode, mha_decode_reference
 from dsv2.generate import generate
-from dsv2.info import model_info
+from dsv2.info import kv_cache_per_token, model_info
 from dsv2.model import MHA, LatentCache
 
 from .conftest import random_model, run_greedy
@@ -35,6 +36,10 @@ def tiny_mha(**overrides):
     return preset("dsv2-tiny-mha", **overrides)
 
 
+# the tiny model's 4 heads with their own key/value heads, 2 groups of 2 (GQA) and one group (MQA)
+KV_HEADS = [4, 2, 1]
+
+
 def hf_llama(model):
     """transformers' LlamaForCausalLM built from the equivalent LlamaConfig, holding model's weights."""
     transformers = pytest.importorskip("transformers")
@@ -52,7 +57,9 @@ def _tokens(config, shape, seed):
 
 
 # --- (a) logits against transformers ---------------------------------------------------------------
-@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "num_hidden_layers": 2}])
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "num_hidden_layers": 2},
+                                       {"num_key_value_heads": 2},
+                                       {"num_key_value_heads": 1, "attention_bias": True, "num_hidden_layers": 2}])
 def test_logits_match_transformers_llama(overrides):
     model = random_model(tiny_mha(**overrides), seed=1)
     if overrides.get("attention_bias"):
@@ -68,8 +75,9 @@ def test_logits_match_transformers_llama(overrides):
     assert_close(ours, theirs, MODEL_ULPS)
 
 
-def test_padded_batch_matches_transformers_llama():
-    model = random_model(tiny_mha(), seed=3)
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+def test_padded_batch_matches_transformers_llama(kv_heads):
+    model = random_model(tiny_mha(num_key_value_heads=kv_heads), seed=3)
     hf = hf_llama(model)
     tokens = _tokens(model.config, (3, 48), seed=4)
     mask = torch.ones(3, 48, dtype=torch.long)
@@ -93,9 +101,9 @@ def test_blocks_are_mha_with_llama_names():
 
 
 # --- (b) generation with and without the cache ------------------------------------------------------
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_greedy_with_cache_equals_without(padding_side):
-    model = random_model(tiny_mha(), seed=6, std=0.2)
+@pytest.mark.parametrize("padding_side, kv_heads", [("left", 4), ("right", 4), ("left", 2), ("right", 1)])
+def test_greedy_with_cache_equals_without(padding_side, kv_heads):
+    model = random_model(tiny_mha(num_key_value_heads=kv_heads), seed=6, std=0.2)
     prompts = [_tokens(model.config, (n,), seed=n).tolist() for n in (5, 17, 1, 30)]
     cached = generate(model, prompts, 24, padding_side=padding_side)
     others = [generate(model, prompts, 24, padding_side=padding_side, use_cache=False),
@@ -125,20 +133,41 @@ def test_caches_hold_keys_and_values_of_every_head():
             PagedLatentCache.bytes_per_block(big, 64, quantized)
 
 
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_gqa_and_mqa_cache_their_key_value_heads_only(kv_heads):
+    c = tiny_mha(num_key_value_heads=kv_heads)
+    width = kv_heads * 16
+    assert c.cache_widths() == (width, width)
+    attn = random_model(c).layers[0].self_attn
+    assert attn.q_proj.weight.shape == (64, 64) and attn.o_proj.weight.shape == (64, 64)
+    assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (width, 64)
+    cache = LatentCache(c, batch=2, max_len=10)
+    assert cache.c_kv.shape == (3, 2, 10, width) and cache.k_rope.shape == (3, 2, 10, width)
+    pages = PagedLatentCache(c, num_blocks=5, block_size=4, dtype=torch.float32)
+    assert pages.kv.shape == (3, 5, 4, 2 * width)
+    # DeepSeek LLM 7B's shape with 8 key/value heads (as DeepSeek 67B has) or one: 4x, 32x smaller
+    big = preset("deepseek-llm-7b", num_key_value_heads=8 // kv_heads)
+    assert PagedLatentCache.bytes_per_block(big, 64) == 30 * 64 * 2 * (8 // kv_heads) * 128 * 2
+
+
 # --- (c) checkpoints ----------------------------------------------------------------------------------
-def test_save_load_round_trip_with_llama_names(tmp_path):
-    model = random_model(tiny_mha(), seed=7)
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+def test_save_load_round_trip_with_llama_names(tmp_path, kv_heads):
+    model = random_model(tiny_mha(num_key_value_heads=kv_heads), seed=7)
     save_model(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["num_key_value_heads"] == kv_heads and config["num_attention_heads"] == 4
     assert "kv_lora_rank" not in config and "n_routed_experts" not in config
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         names = set(f.keys())
+        k_shape = f.get_slice("model.layers.1.self_attn.k_proj.weight").get_shape()
     assert {"model.layers.2.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight",
             "model.layers.1.mlp.gate_proj.weight", "model.embed_tokens.weight", "model.norm.weight",
             "lm_head.weight"} <= names
+    assert k_shape == [kv_heads * 16, 64]  # the key/value heads only
     loaded = load_model(tmp_path)
     assert loaded.config == model.config
     want = model.state_dict()
@@ -148,12 +177,13 @@ def test_save_load_round_trip_with_llama_names(tmp_path):
         assert torch.equal(loaded(tokens), model(tokens))
 
 
-def test_saved_files_load_in_transformers_as_llama(tmp_path):
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+def test_saved_files_load_in_transformers_as_llama(tmp_path, kv_heads):
     transformers = pytest.importorskip("transformers")
-    model = random_model(tiny_mha(), seed=9)
+    model = random_model(tiny_mha(num_key_value_heads=kv_heads), seed=9)
     save_model(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.num_key_value_heads == kv_heads
     tokens = _tokens(model.config, (2, 32), seed=10)
     with torch.no_grad():
         assert_close(model(tokens), hf(tokens).logits, MODEL_ULPS)
@@ -164,8 +194,9 @@ def test_saved_files_load_in_transformers_as_llama(tmp_path):
 
 
 # --- (d) the engine -----------------------------------------------------------------------------------
-def test_engine_greedy_tokens_equal_the_reference():
-    model = random_model(tiny_mha(), seed=11, std=0.2)
+@pytest.mark.parametrize("name", ["dsv2-tiny-mha", "dsv2-tiny-gqa", "dsv2-tiny-mqa"])
+def test_engine_greedy_tokens_equal_the_reference(name):
+    model = random_model(preset(name), seed=11, std=0.2)
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=6, max_num_batched_tokens=24, block_size=8,
                                                  num_blocks=40, max_model_len=128))
     rng = random.Random(0)
@@ -179,6 +210,7 @@ def test_engine_greedy_tokens_equal_the_reference():
         assert len(done[i]) == m
         assert_greedy(model, p, done[i])
     assert engine.blocks.all_free()
+    assert engine.pages.width == 2 * model.config.num_key_value_heads * 16  # the kv heads only
 
 
 class KernelDecodeCache:
@@ -212,8 +244,9 @@ class KernelDecodeLayer:
         return mha_decode(q, s.pages.kv[self.i], s.block_tables, s.context_lens, scale)
 
 
-def test_kernel_decode_path_equals_the_full_forward():
-    config = tiny_mha()
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+def test_kernel_decode_path_equals_the_full_forward(kv_heads):
+    config = tiny_mha(num_key_value_heads=kv_heads)
     model = random_model(config, seed=13)
     lengths, bs = [11, 5], 4
     tokens = _tokens(config, (2, 12), seed=14)  # row i decodes tokens[i, lengths[i]] after its prompt
@@ -263,7 +296,9 @@ def test_derived_head_widths_follow_replace():
 
 
 @pytest.mark.parametrize("change, field, why", [
-    (dict(num_key_value_heads=2), "num_key_value_heads", "must equal num_attention_heads"),
+    (dict(num_key_value_heads=3), "num_key_value_heads", "must divide num_attention_heads \\(32\\)"),
+    (dict(num_key_value_heads=64), "num_key_value_heads", "must divide num_attention_heads \\(32\\)"),
+    (dict(num_key_value_heads=0), "num_key_value_heads", "must be a positive integer"),
     (dict(kv_lora_rank=32), "kv_lora_rank", "must be null"),
     (dict(q_lora_rank=32), "q_lora_rank", "must be null"),
     (dict(n_routed_experts=8, num_experts_per_tok=2), "n_routed_experts", "must be null"),
@@ -276,6 +311,19 @@ def test_derived_head_widths_follow_replace():
 def test_bad_mha_config_names_the_field(change, field, why):
     with pytest.raises(ConfigError, match=f"'{field}'.*{why}"):
         ModelConfig.from_hf({**RELEASED_7B, **change})
+
+
+def test_gqa_and_mqa_configs_read_and_round_trip():
+    for kv_heads in (8, 1):  # DeepSeek 67B's 8 key/value heads on the 7B shape; MQA
+        c = ModelConfig.from_hf({**RELEASED_7B, "num_key_value_heads": kv_heads})
+        assert c.attention_type == "mha" and c.num_key_value_heads == kv_heads
+        assert c.cache_widths() == (kv_heads * 128, kv_heads * 128)
+        assert ModelConfig.from_hf(c.to_hf()) == c and c.to_hf()["num_key_value_heads"] == kv_heads
+    # the ablations' way in: the MHA preset with overrides (the tiny GQA/MQA presets are the same)
+    assert preset("dsv2-tiny-mha", num_key_value_heads=1) == preset("dsv2-tiny-mqa")
+    assert preset("dsv2-tiny-mha", num_key_value_heads=2) == preset("dsv2-tiny-gqa")
+    # the MHA presets leave num_key_value_heads to follow the heads: more heads stay MHA
+    assert preset("dsv2-tiny-mha", num_attention_heads=8).num_key_value_heads == 8
 
 
 def test_llama_config_needs_no_mla_fields_but_its_own():
@@ -292,7 +340,7 @@ def test_mla_presets_are_untouched():
         c = preset(name)
         assert c.attention_type == "mla" and "attention_type" not in c.to_hf()
         assert c.cache_widths() == (c.kv_lora_rank, c.qk_rope_head_dim)
-    assert {"deepseek-llm-7b", "dsv2-tiny-mha"} <= set(PRESETS)
+    assert {"deepseek-llm-7b", "dsv2-tiny-mha", "dsv2-tiny-gqa", "dsv2-tiny-mqa"} <= set(PRESETS)
 
 
 # --- info -----------------------------------------------------------------------------------------------
@@ -305,6 +353,28 @@ def test_info_reports_the_7b_model():
     assert kv["mha"]["elements"] == 30 * 2 * 4096 and kv["mha"]["cache_bytes"] == {"bfloat16": 491_520}
 
 
+@pytest.mark.parametrize("kv_heads, kind", [(32, "mha"), (8, "gqa_8_groups"), (4, "gqa_4_groups"), (1, "mqa")])
+def test_info_reports_the_key_value_heads_cache(kv_heads, kind):
+    info = model_info(preset("deepseek-llm-7b", num_key_value_heads=kv_heads))
+    assert info["kv_cache_kind"] == kind
+    kv = info["kv_cache_per_token"]
+    own = 30 * 2 * kv_heads * 128
+    assert kv[kind]["elements"] == own and kv[kind]["cache_bytes"] == {"bfloat16": 2 * own}
+    assert kv[kind]["cache_bits_per_element"] == {"bfloat16": 16.0}
+    # the comparison rows are the heads' equivalents whatever the model caches; only its own has cache_bytes
+    assert kv["mha"]["elements"] == 30 * 2 * 32 * 128 and kv["gqa_8_groups"]["elements"] == 30 * 2 * 8 * 128
+    assert kv["mqa"]["elements"] == 30 * 2 * 128
+    assert [k for k, row in kv.items() if "cache_bytes" in row] == [kind]
+    assert list(kv)[0] == "mha" and list(kv)[-1] == "mqa"
+
+
+def test_info_adds_a_gqa_models_own_groups_to_the_table():
+    kv = kv_cache_per_token(preset("dsv2-tiny-gqa"))  # 4 heads in 2 groups, 3 layers of 16-wide heads
+    assert list(kv) == ["mha", "gqa_2_groups", "gqa_8_groups", "mqa"]
+    assert kv["gqa_2_groups"]["elements"] == 3 * 2 * 2 * 16
+    assert kv["gqa_2_groups"]["cache_bytes"] == {"bfloat16": 3 * 2 * 2 * 16 * 2}
+
+
 def test_info_command_takes_the_preset():
     proc = subprocess.run([sys.executable, "-m", "dsv2.cli", "info", "--preset", "deepseek-llm-7b"],
                           capture_output=True, text=True, timeout=300, check=False)
@@ -313,16 +383,21 @@ def test_info_command_takes_the_preset():
 
 
 # --- (f) the decode kernel's reference --------------------------------------------------------------------
-def test_decode_reference_matches_dense_attention():
+@pytest.mark.parametrize("kv_heads", KV_HEADS)
+def test_decode_reference_matches_dense_attention(kv_heads):
     g = torch.Generator().manual_seed(12)
     b, h, d, block_size, lengths = 3, 4, 16, 8, [19, 1, 40]
     tables = torch.tensor([[4, 0, 7, -1, -1], [2, -1, -1, -1, -1], [1, 3, 5, 6, 8]])  # -1: unused slots
-    kv = torch.randn(9, block_size, 2 * h * d, generator=g)
+    kv = torch.randn(9, block_size, 2 * kv_heads * d, generator=g)
     q = torch.randn(b, h, d, generator=g)
     out = mha_decode_reference(q, kv, tables, torch.tensor(lengths), 0.3)
+    width = kv_heads * d
     for i, n in enumerate(lengths):
-        rows = torch.cat([kv[p] for p in tables[i] if p >= 0])[:n]  # [n, 2 H D]
-        k, v = rows[:, : h * d].view(n, h, d), rows[:, h * d:].view(n, h, d)
+        rows = torch.cat([kv[p] for p in tables[i] if p >= 0])[:n]  # [n, 2 Hkv D]
+        k, v = rows[:, :width].view(n, kv_heads, d), rows[:, width:].view(n, kv_heads, d)
         for head in range(h):
-            probs = ((k[:, head] @ q[i, head]) * 0.3).softmax(0)
-            assert_close(out[i, head], probs @ v[:, head], 2**5)  # one softmax-weighted sum, reordered
+            kv_head = head // (h // kv_heads)  # LLaMA's grouping: consecutive query heads share one
+            probs = ((k[:, kv_head] @ q[i, head]) * 0.3).softmax(0)
+            assert_close(out[i, head], probs @ v[:, kv_head], 2**5)  # one softmax-weighted sum, reordered
+    with pytest.raises(ValueError, match="dividing the 4 query heads"):  # rows of 3 key/value heads
+        mha_decode_reference(q, kv.new_zeros(9, block_size, 6 * d), tables, torch.tensor(lengths), 0.3)
