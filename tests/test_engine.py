@@ -240,6 +240,28 @@ def test_engine_without_tokenizer_returns_token_ids():
         engine.add_request("b", [1, 2], SamplingParams(max_tokens=2, stop=["x"]))
 
 
+def test_final_only_outputs_once_with_the_same_tokens():
+    """output_kind "final_only" (vLLM's FINAL_ONLY, what LLM.generate asks for): one output per
+    request, when all its samples have finished, equal to the last cumulative one."""
+    model = random_model(tiny_config(), seed=3)
+    runs = {}
+    for kind in ("cumulative", "final_only"):
+        engine = LLMEngine(model, None, EngineConfig(max_num_seqs=4, num_blocks=64, block_size=8, max_model_len=128))
+        engine.add_request("a", [1, 2, 3, 4, 5], SamplingParams(max_tokens=6, temperature=0.0, output_kind=kind))
+        engine.add_request("b", [7, 8], SamplingParams(n=2, max_tokens=9, temperature=1.0, seed=1, output_kind=kind))
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        runs[kind] = outs
+    final = {o.request_id: o for o in runs["cumulative"] if o.finished}
+    assert len(runs["cumulative"]) > 2 and len(runs["final_only"]) == 2
+    for out in runs["final_only"]:
+        assert out.finished
+        assert [o.token_ids for o in out.outputs] == [o.token_ids for o in final[out.request_id].outputs]
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="delta")
+
+
 def test_prefill_width_buckets():
     assert [prefill_width(n) for n in (2, 16, 17, 24, 25, 33, 1025, 1536, 1537, 2048)] == \
         [16, 16, 24, 24, 32, 48, 1536, 1536, 2048, 2048]

@@ -362,8 +362,13 @@ class LLMEngine:
                 del seq.output_token_ids[slot + 1:]  # a token the next step has in flight
                 self.scheduler.finish(seq, reason)
             seq.text += new_text
+            if seq.params.output_kind == "final_only" and not seq.finished:
+                continue
             touched.setdefault(seq.request_id, [""] * seq.params.n)[seq.index] += new_text
-        return [self._output(rid, texts) for rid, texts in touched.items()]
+        # (a request of n > 1 samples touched by a finished one reports once all of them have)
+        return [self._output(rid, texts) for rid, texts in touched.items()
+                if self.requests[rid][0].params.output_kind == "cumulative"
+                or all(s.finished for s in self.requests[rid])]
 
     def _output(self, request_id: str, new_text: list[str]) -> RequestOutput:
         seqs = self.requests[request_id]

@@ -150,7 +150,8 @@ class LLM:
         for prompt, p in zip(prompts, params):
             ids, text = self.encode(prompt)
             rid = str(next(self._ids))
-            self.engine.add_request(rid, ids, p, text)
+            # only the finished outputs are returned: the engine need not build one every step (vLLM's)
+            self.engine.add_request(rid, ids, dataclasses.replace(p, output_kind="final_only"), text)
             order.append(rid)
         return self._run(order, use_tqdm)
 

@@ -84,6 +84,9 @@ class StructuredOutputsParams:
         return "grammar", self.grammar, False
 
 
+OUTPUT_KINDS = ("cumulative", "final_only")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -109,6 +112,10 @@ class SamplingParams:
     # {token id: bias} added to the logits before sampling (OpenAI's: each in [-100, 100])
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's RequestOutputKind: "cumulative", an output at every step that makes progress (each with
+    # all of the text and tokens so far); "final_only", one output when the request finishes
+    # (LLM.generate's: a large batch then builds no per-step outputs it would throw away)
+    output_kind: str = "cumulative"
 
     def __post_init__(self):
         for name in ("n", "top_k", "max_tokens", "min_tokens"):
@@ -122,6 +129,8 @@ class SamplingParams:
 
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
         if not (self.temperature == 0 or self.temperature >= MIN_DIVISOR):
             raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_DIVISOR}, got {self.temperature}")
         if not 0 < self.top_p <= 1:
