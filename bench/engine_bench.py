@@ -514,7 +514,7 @@ def max_throughput_row(spec: str, device: torch.device, dtype: torch.dtype, args
 def _max_throughput_pass(engine, batch: int, config: ModelConfig, args, device, run: int, out: dict):
     """`batch` sequences of prompt + gen tokens through `engine`: their prefills, then decode
     timed after `--warmup-steps` steps. Records the times in `out`; returns (warm-up steps, timed steps)."""
-    params = SamplingParams(max_tokens=args.mt_gen, ignore_eos=True, temperature=0.0)
+    params = SamplingParams(max_tokens=args.mt_gen, ignore_eos=True, temperature=0.0, output_kind="final_only")
     ids = [f"m{run}-{i}" for i in range(batch)]
     for rid, p in zip(ids, _prompts(batch, args.mt_prompt, config.vocab_size, seed=5 + run), strict=True):
         engine.add_request(rid, p, params)
