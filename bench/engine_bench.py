@@ -56,6 +56,7 @@ from dsv2.checkpoint import random_model  # noqa: E402
 from dsv2.config import ModelConfig, preset  # noqa: E402
 from dsv2.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from dsv2.engine.cache import PagedLatentCache  # noqa: E402
+from dsv2.engine.sequence import PENDING  # noqa: E402
 from dsv2.engine.llm import KV_CACHE_DTYPES  # noqa: E402
 from dsv2.info import count_params  # noqa: E402
 from dsv2.model import Transformer  # noqa: E402
@@ -235,12 +236,12 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 def _run_to_first_tokens(engine: LLMEngine, ids: set[str]) -> int:
-    """Step until each of `ids` has produced a token; return the steps taken."""
-    pending, steps = set(ids), 0
-    while pending:
-        for out in engine.step():
-            if out.outputs[0].token_ids:
-                pending.discard(out.request_id)
+    """Step until each of `ids` has produced a token; return the steps taken. Read off the
+    sequences, not the outputs: a request with output_kind "final_only" has none until it ends."""
+    seqs = [engine.requests[rid][0] for rid in ids]
+    steps = 0
+    while not all(s.finished or (s.output_token_ids and s.output_token_ids[0] != PENDING) for s in seqs):
+        engine.step()
         steps += 1
     return steps
 
