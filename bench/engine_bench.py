@@ -4,6 +4,7 @@ the same run.
 
     python bench/engine_bench.py                                  # decode + prefill, H100, ~3-5 min
     python bench/engine_bench.py --sections maxtp --out bench/results/engine_bench_maxtp_h100.json
+    python bench/engine_bench.py --sections longctx --out bench/results/engine_bench_longctx_h200.json
     python bench/engine_bench.py --preset dsv2-tiny --device cpu --quick   # smoke run, seconds
     python bench/engine_bench.py --plot-only bench/results/engine_bench_h100.json
 
@@ -17,6 +18,11 @@ Sections (--sections, default decode,prefill; --max-throughput adds maxtp):
 - prefill: N x S random prompts with max_tokens=1, from add_request until every request has its
   token, best and median of `--prefill-reps` repeats (prefix caching off, so each repeat computes).
   transformers: one forward over the [N, S] batch with use_cache=True.
+- longctx: long contexts (defaults 8K / 32K / 128K, `--lc-*`): one prompt through chunked prefill
+  (`--batched-tokens` a step) to its first token, with its throughput, MFU and the memory it takes
+  at its peak above the model and cache; decode at batch 1 and 8 with 32K and 128K contexts beside
+  the step's limit and the cache's share of it (its bytes at the copy bandwidth, what the MLA
+  kernel's split must reach); a 32K document asked twice, the second time from the prefix cache.
 - maxtp: the paper's generation-throughput comparison in miniature. Each model (V2-Lite and a dense
   MHA 7B of DeepSeek LLM 7B's shape) gets the engine with its cache sized from free memory
   (gpu_memory_utilization 0.9); the batch is as many prompt+gen sequences as that cache holds (at
@@ -445,6 +451,110 @@ def hf_prefill(model, n: int, s: int, reps: int, warmup: int) -> dict:
             "median_ms": median * 1e3, "tok_s": n * s / best, "tok_s_median": n * s / median}
 
 
+# --- long contexts ---------------------------------------------------------------------------------
+def _peak_reset(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak_above(device: torch.device, base: int) -> int | None:
+    return torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+
+
+def long_prefill(model: Transformer, s: int, chunk: int, block_size: int, opts: dict, reps: int = 1) -> dict:
+    """One s-token prompt through chunked prefill (chunk tokens a step) to its first token, after one
+    untimed run of the same length (compilation, captures); the memory above the model and its
+    cache that the prefill takes at its peak (activations, logits), which must not grow with s."""
+    device = next(model.parameters()).device
+    engine = LLMEngine(model, None, engine_config(
+        max_num_seqs=1, max_num_batched_tokens=chunk, block_size=block_size,
+        num_blocks=math.ceil((s + 1) / block_size) + 1, max_model_len=s + 1, enable_prefix_caching=False, **opts))
+    params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    times, peak = [], None
+    for r in range(1 + reps):
+        engine.add_request(f"long{s}-{r}", _prompts(1, s, model.config.vocab_size, seed=77 + r)[0], params)
+        base = _peak_reset(device)
+        t = time.perf_counter()
+        steps = _run_to_first_tokens(engine, {f"long{s}-{r}"})
+        sync(device)
+        if r:
+            times.append(time.perf_counter() - t)
+            peak = _peak_above(device, base)
+        while engine.has_unfinished_requests():
+            engine.step()
+    del engine
+    best = min(times)
+    return {"status": "ok", "s": s, "chunk": chunk, "steps": steps, "seconds": times, "best_s": best,
+            "tok_s": s / best, "activation_peak_bytes": peak}
+
+
+def prefix_hit(model: Transformer, s: int, chunk: int, block_size: int, opts: dict) -> dict:
+    """Two requests on one s-token document with different last tokens: the second's time to first
+    token, its document read from the prefix cache, against the first's."""
+    device = next(model.parameters()).device
+    engine = LLMEngine(model, None, engine_config(
+        max_num_seqs=2, max_num_batched_tokens=chunk, block_size=block_size,
+        num_blocks=2 * math.ceil((s + 2) / block_size) + 2, max_model_len=s + 2, enable_prefix_caching=True,
+        **opts))
+    params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    doc = _prompts(1, s, model.config.vocab_size, seed=99)[0]
+    ttft = {}
+    for name, last in (("first", 5), ("second", 6), ("warm_first", 7)):
+        if name == "warm_first":  # a fresh document of the same length: the first request's time, compiled
+            doc = _prompts(1, s, model.config.vocab_size, seed=98)[0]
+        engine.add_request(name, doc + [last], params)
+        seq = engine.requests[name][0]
+        sync(device)
+        t = time.perf_counter()
+        _run_to_first_tokens(engine, {name})
+        sync(device)
+        ttft[name] = time.perf_counter() - t
+        cached = seq.num_cached_tokens
+        while engine.has_unfinished_requests():
+            engine.step()
+        if name == "second":
+            ttft["second_cached_tokens"] = cached
+    del engine
+    return {"status": "ok", "s": s, "ttft_first_s": ttft["warm_first"], "ttft_second_s": ttft["second"],
+            "second_cached_tokens": ttft["second_cached_tokens"], "speedup": ttft["warm_first"] / ttft["second"]}
+
+
+def run_longctx(model, config: ModelConfig, wb: dict, args, bandwidth: float, peak: float | None, opts: dict,
+                hf=None) -> dict:
+    chunk = args.batched_tokens
+    out = {"prefill": [], "decode": [], "prefix": None, "chunk": chunk}
+    for s in (int(x) for x in args.lc_prefill.split(",") if x):
+        log(f"long prefill: {s} tokens in chunks of {chunk}")
+        r = guarded(f"long prefill {s}", lambda s=s: long_prefill(model, s, chunk, args.block_size, opts))
+        row = {"s": s, "dsv2": r, "limit": prefill_limit(config, wb, 1, s, bandwidth, peak)}
+        if r.get("status") == "ok" and peak:
+            row["mfu"] = row["limit"]["flops"] / r["best_s"] / peak
+        out["prefill"].append(row)
+        free_memory()
+        log(f"  {_rate(r)}")
+    for spec in (x for x in args.lc_decode.split(",") if x):
+        b, ctx = (int(v) for v in spec.split("x"))
+        log(f"long decode: batch {b} at {ctx} tokens")
+        r = guarded(f"long decode {spec}", lambda b=b, ctx=ctx: dsv2_decode(
+            model, b, ctx, args.warmup_steps, args.decode_steps, chunk, args.block_size, opts))
+        context = ctx + args.warmup_steps + (args.decode_steps + 1) / 2
+        kv = r.get("kv_bytes_per_token") or kv_bytes_per_token(config, None)
+        limit = decode_limit(config, wb, b, context, kv, bandwidth, peak)
+        # the latent cache's share of the step: what the MLA kernel's split must read at bandwidth
+        limit["kv_ms"] = limit["kv_bytes"] / bandwidth * 1e3
+        out["decode"].append({"batch": b, "context": ctx, "dsv2": r, "limit": limit})
+        free_memory()
+        log(f"  {_rate(r)}, {_fmt(r.get('ms_per_step'), '.2f')} ms/step (cache alone at bandwidth "
+            f"{limit['kv_ms']:.2f} ms)")
+    if args.lc_prefix:
+        log(f"prefix cache: a {args.lc_prefix}-token document, asked twice")
+        out["prefix"] = guarded("prefix", lambda: prefix_hit(model, args.lc_prefix, chunk, args.block_size, opts))
+    return out
+
+
 # --- maximum generation throughput -----------------------------------------------------------------
 def model_spec(spec: str) -> tuple[str, bool, str | None]:
     """'PRESET[+fp8][+kv=DTYPE]' -> (preset, FP8 weights, cache dtype): the paper's deployment setting
@@ -647,6 +757,27 @@ def print_tables(res: dict) -> None:
             print(f"{r['row']:<12}{_fmt(ours, ',.0f', 12)}{_fmt(ms, '.1f', 9)}{_fmt(hf, ',.0f', 20)}"
                   f"{_fmt(ratio, '.2f', 8)}{_fmt(r['limit']['tok_s'], ',.0f', 16)}{_fmt(pct, '.1f', 11)}"
                   f"{'%' if pct is not None else ' '}{_fmt(mfu, '.1f', 7)}{'%' if mfu is not None else ''}")
+    lc = res.get("longctx")
+    if lc:
+        print(f"\nlong contexts: one prompt in chunks of {lc['chunk']} tokens to its first token; decode at long "
+              "contexts; limits as above (the cache's share: its bytes at the copy bandwidth)")
+        print(f"{'prefill':<14}{'tok/s':>10}{'s':>8}{'MFU':>8}{'peak above model+cache':>24}")
+        for r in lc["prefill"]:
+            d = r["dsv2"]
+            act = d.get("activation_peak_bytes")
+            print(f"{r['s']:<14,}{_fmt(_status(d), ',.0f', 10)}{_fmt(d.get('best_s'), '.2f', 8)}"
+                  f"{_fmt(r.get('mfu') and 100 * r['mfu'], '.1f', 7)}%{_fmt(act and act / 2**30, '.2f', 20)} GiB")
+        print(f"{'decode':<14}{'tok/s':>10}{'ms/step':>9}{'limit ms':>10}{'cache ms':>10}{'% limit':>9}")
+        for r in lc["decode"]:
+            d, lim = r["dsv2"], r["limit"]
+            ms = d.get("ms_per_step")
+            pct = lim["step_ms"] / ms * 100 if isinstance(ms, float) else None
+            print(f"{str(r['batch']) + ' x ' + format(r['context'], ','):<14}{_fmt(_status(d), ',.0f', 10)}"
+                  f"{_fmt(ms, '.2f', 9)}{lim['step_ms']:>10.2f}{lim['kv_ms']:>10.2f}{_fmt(pct, '.1f', 8)}%")
+        p = lc.get("prefix")
+        if p and p.get("status") == "ok":
+            print(f"prefix cache, a {p['s']:,}-token document: time to first token {p['ttft_first_s']:.3f} s, asked "
+                  f"again {p['ttft_second_s']:.3f} s ({p['speedup']:.1f}x; {p['second_cached_tokens']:,} tokens cached)")
     mt = res.get("max_throughput")
     if mt:
         cache = (f"a fixed {mt['cache_mib']} MiB cache" if mt.get("cache_mib") else
@@ -715,11 +846,13 @@ def plot(res: dict, path: Path) -> None:
 # --- main ------------------------------------------------------------------------------------------
 QUICK = dict(batches="1,4,8", context=32, decode_steps=4, warmup_steps=2, prefill="1x64,2x32", prefill_reps=2,
              prefill_warmup=1, batched_tokens=256, bandwidth_mib=16, mt_models="dsv2-tiny,dsv2-tiny-mha",
-             mt_prompt=16, mt_gen=8, max_batch=32, mt_batched_tokens=256, mt_cache_mib=1)
+             mt_prompt=16, mt_gen=8, max_batch=32, mt_batched_tokens=256, mt_cache_mib=1,
+             lc_prefill="256,600", lc_decode="1x300,2x300", lc_prefix=300)
 FULL = dict(batches="1,16,64,256", context=1024, decode_steps=64, warmup_steps=8, prefill="1x2048,8x512",
             prefill_reps=5, prefill_warmup=2, batched_tokens=8192, bandwidth_mib=2048,
             mt_models="deepseek-v2-lite,deepseek-llm-7b", mt_prompt=512, mt_gen=512, max_batch=1024,
-            mt_batched_tokens=8192)
+            mt_batched_tokens=8192, lc_prefill="8192,32768,131072", lc_decode="1x32768,8x32768,1x131072,8x131072",
+            lc_prefix=32768)
 
 
 def parse_args(argv=None):
@@ -729,7 +862,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
-    ap.add_argument("--sections", default="decode,prefill", help="comma list of decode, prefill, maxtp")
+    ap.add_argument("--sections", default="decode,prefill", help="comma list of decode, prefill, longctx, maxtp")
     ap.add_argument("--max-throughput", action="store_true", help="add the maxtp section")
     ap.add_argument("--batches", default=None, help="decode batch sizes, comma separated")
     ap.add_argument("--context", type=int, default=None, help="decode prompt length (tokens)")
@@ -756,6 +889,9 @@ def parse_args(argv=None):
                     help="maxtp: fixed cache budget instead of gpu_memory_utilization (smoke runs)")
     ap.add_argument("--mt-batched-tokens", type=int, default=None)
     ap.add_argument("--max-batch", type=int, default=None, help="maxtp batch cap")
+    ap.add_argument("--lc-prefill", default=None, help="longctx: prompt lengths, comma separated")
+    ap.add_argument("--lc-decode", default=None, help="longctx: decode rows BxCONTEXT, comma separated")
+    ap.add_argument("--lc-prefix", type=int, default=None, help="longctx: the shared document's length")
     ap.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="extra EngineConfig field (python literal), e.g. enforce_eager=True")
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/engine_bench_h100.json")
@@ -832,7 +968,7 @@ def main(argv=None) -> dict:
     batches = [int(b) for b in args.batches.split(",") if b]
     prefills = [tuple(int(x) for x in p.split("x")) for p in args.prefill.split(",") if p]
     decode_rows, prefill_rows = [], []
-    if "decode" in args.sections or "prefill" in args.sections:
+    if {"decode", "prefill", "longctx"} & set(args.sections):
         log(f"building dsv2 {args.preset} on {device} ({args.dtype})")
         model = random_model(config, device, dtype)
         sync(device)
@@ -868,6 +1004,9 @@ def main(argv=None) -> dict:
                                      "limit": prefill_limit(config, wb, n, s, bandwidth, peak)})
                 checkpoint(res, decode_rows, prefill_rows, args.out)
                 log(f"  {_rate(r)}")
+        if "longctx" in args.sections:
+            res["longctx"] = run_longctx(model, config, wb, args, bandwidth, peak, opts)
+            checkpoint(res, decode_rows, prefill_rows, args.out)
         del model
         free_memory()
 

@@ -9,7 +9,8 @@ from bench import engine_bench
 def test_engine_bench_quick_cpu(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     res = engine_bench.main(["--quick", "--device", "cpu", "--max-throughput", "--batches", "1,4",
-                             "--prefill", "2x16", "--out", str(out), "--plot", str(png)])
+                             "--prefill", "2x16", "--sections", "decode,prefill,longctx", "--lc-prefill", "600",
+                             "--lc-decode", "2x300", "--out", str(out), "--plot", str(png)])
     saved = json.loads(out.read_text())
     assert saved["preset"] == "dsv2-tiny" and png.stat().st_size > 0
     for row in res["decode"]:
@@ -26,6 +27,10 @@ def test_engine_bench_quick_cpu(tmp_path):
     # timed step decodes at most the batch (fewer as the first admitted sequences finish)
     assert tiny["decode_tokens"] <= sum(tiny["decode_rows_per_step"]) <= tiny["batch"] * tiny["decode_steps"]
     assert tiny["decode_rows_mean"] == tiny["decode_tokens"] / tiny["decode_steps"]
+    lc = saved["longctx"]  # a prompt longer than a step's 256 tokens, prefilled in chunks
+    # three chunks, then the step that reads the token back (async scheduling)
+    assert lc["prefill"][0]["dsv2"]["steps"] == 4 and lc["decode"][0]["dsv2"]["every_step_full"]
+    assert lc["prefix"]["second_cached_tokens"] == 256  # the document's whole blocks, from the prefix cache
     png.unlink()
     engine_bench.main(["--plot-only", str(out), "--plot", str(png)])
     assert png.stat().st_size > 0
