@@ -245,14 +245,7 @@ def test_vectorized_matches_reference_twin():
             stop_token_ids=rng.choice([[], [9, 10]]),
         ))
     logits = torch.randn(len(rows), vocab) * 3
-    fast = Sampler().process(logits, rows)
-    for i, r in enumerate(rows):
-        slow = reference_process(logits[i], r)
-        # which tokens survive is a discrete outcome: it changes only when a cumulative probability
-        # lands within rounding of top_p, which these draws never do
-        assert torch.equal(torch.isfinite(fast[i]), torch.isfinite(slow)), i
-        # the batched penalties and scalings in another order: a few ulps of logits of ~10
-        torch.testing.assert_close(fast[i], slow, rtol=tol(torch.float32, 2**4), atol=tol(torch.float32, 2**6))
+    assert_process_matches_reference(logits, rows)
 
 
 def test_process_leaves_input_alone():
@@ -594,3 +587,15 @@ def test_seeded_batch_independence_on_cuda():
     for i in range(8):
         slow = reference_process(logits[i].cpu(), RowState(r[i].params, r[i].prompt_ids, r[i].output_ids))
         assert torch.equal(torch.isfinite(fast[i]).cpu(), torch.isfinite(slow))
+
+
+def assert_process_matches_reference(logits, rows):
+    """The batched Sampler.process against the loop-based reference, row by row."""
+    fast = Sampler().process(logits, rows)
+    for i, r in enumerate(rows):
+        slow = reference_process(logits[i], r)
+        # which tokens survive is a discrete outcome: it changes only when a cumulative probability
+        # lands within rounding of top_p, which these draws never do
+        assert torch.equal(torch.isfinite(fast[i]), torch.isfinite(slow)), i
+        # the batched penalties and scalings in another order: a few ulps of logits of ~10
+        torch.testing.assert_close(fast[i], slow, rtol=tol(torch.float32, 2**4), atol=tol(torch.float32, 2**6))

@@ -13,12 +13,13 @@ import torch
 
 from dsv2.engine import LLM, SamplingParams, StructuredOutputsParams
 from dsv2.engine import sampler as sampler_module
-from dsv2.engine.sampler import RowState, Sampler, make_generator, reference_process
+from dsv2.engine.sampler import RowState, Sampler, make_generator
 from dsv2.engine.structured import GrammarCompiler, allows, unpack
 from dsv2.resources import bundled_model_dir
 from dsv2.tokenizer import Tokenizer
 
-from .numerics import assert_greedy, tol
+from .numerics import assert_greedy
+from .test_engine_sampler import assert_process_matches_reference
 from .structured_util import CHOICES, LARK, NEVER, PROMPTS, REGEX, SCHEMAS, USER, check_output
 
 
@@ -148,11 +149,7 @@ def test_masks_and_bias_match_the_reference_twin():
                          temperature=[0, 0.7][i % 2], top_k=[0, 5][i % 2], repetition_penalty=[1.0, 1.2][i % 2],
                          stop_token_ids=[9]))
     logits = torch.randn(len(rows), vocab) * 3
-    fast = Sampler().process(logits, rows)
-    for i, r in enumerate(rows):
-        slow = reference_process(logits[i], r)
-        assert torch.equal(torch.isfinite(fast[i]), torch.isfinite(slow)), i
-        torch.testing.assert_close(fast[i], slow, rtol=tol(torch.float32, 2**4), atol=tol(torch.float32, 2**6))
+    assert_process_matches_reference(logits, rows)
     tokens = Sampler()(logits, rows).token_ids.tolist()
     for r, t in zip(rows, tokens):
         assert r.allowed is None or allows(r.allowed, t)
