@@ -16,17 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+from bench._log import stamped
 
 from dsv2.cli import bundled_model_dir
 from dsv2.config import PRESETS, preset
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[serve {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+log = stamped("serve")
 
 
 def free_port() -> int:

@@ -57,6 +57,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._log import stamped, sync  # noqa: E402
 
 from dsv2.checkpoint import random_model  # noqa: E402
 from dsv2.config import ModelConfig, preset  # noqa: E402
@@ -76,16 +77,8 @@ PAPER_MAX_THROUGHPUT_RATIO = 5.76
 HF_EARLIER_H100 = {"decode_tok_s": {1: 22, 16: 316, 64: 388},
                    "prefill_tok_s": {"1x2048": 27e3, "8x512": 44e3}}
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-_T0 = time.perf_counter()
+log = stamped("engine_bench")
 
-
-def log(msg: str) -> None:
-    print(f"[engine_bench {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free_memory() -> None:

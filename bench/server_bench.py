@@ -56,6 +56,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench._log import stamped  # noqa: E402
 
 # start_server and stop_server are imported from here by bench/hostile_bench.py and tests/server_util.py
 from bench._serve import (  # noqa: E402, F401
@@ -68,11 +69,7 @@ WORDS = ("the of and to in is that it was for on are as with his they at be this
          "up out them then she many some so these would other into has more her two like him see time "
          "could no make than first been its who now people my made over did down only way find use may "
          "water long little very").split()
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[server_bench {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+log = stamped("server_bench")
 
 
 # --- the load ------------------------------------------------------------------------------------

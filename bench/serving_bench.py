@@ -79,6 +79,7 @@ except ImportError:
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._log import stamped  # noqa: E402
 from bench._serve import is_token_chunk, local_device, serving, shape_serve_args  # noqa: E402
 from bench.server_bench import Stream, percentile, stream_one  # noqa: E402
 from dsv2.data.corpus import (  # noqa: E402
@@ -91,11 +92,7 @@ ANCHOR = {"system": "SGLang, MLA path", "gpu": "1x H100", "date": "2024-08", "re
           "input_tokens": 236_000, "output_tokens": 216_000, "requests_s": 16.4, "output_tok_s": 3536.0}
 GOAL = 2.0
 SLO_METRICS = ("ttft", "tpot", "e2el")
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[serving_bench {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+log = stamped("serving_bench")
 
 
 # --- the lengths ----------------------------------------------------------------------------------

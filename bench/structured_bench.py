@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._log import stamped, sync  # noqa: E402
 from dsv2.checkpoint import load_model, random_model  # noqa: E402
 from dsv2.config import preset  # noqa: E402
 from dsv2.engine import EngineConfig, LLMEngine, SamplingParams, StructuredOutputsParams  # noqa: E402
@@ -46,16 +47,8 @@ RECORD = {"type": "object", "additionalProperties": False, "required": ["name", 
 SPECS = {"json": StructuredOutputsParams(json={"type": "array", "items": RECORD, "minItems": 4096}),
          "regex": StructuredOutputsParams(regex=r"[a-z][a-z0-9 ,.]{4096,}")}
 MODES = ("free", "json", "mixed", "regex")
-_T0 = time.perf_counter()
+log = stamped("structured_bench")
 
-
-def log(msg: str) -> None:
-    print(f"[structured_bench {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class MaskTimer:
